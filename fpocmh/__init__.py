@@ -1,0 +1,1 @@
+"""The ``fpocmh`` command line: one subcommand per job."""

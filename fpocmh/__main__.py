@@ -1,0 +1,3 @@
+from fpocmh.cli import main
+
+raise SystemExit(main())

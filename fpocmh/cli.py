@@ -1,0 +1,69 @@
+"""``fpocmh <command>``: every job of the system behind one command.
+
+Each command lives in ``fpocmh/commands/<name>.py`` and exposes ``HELP``, ``add_arguments(parser)``
+and ``run(args) -> int``; heavy imports stay inside ``run`` so that ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# name -> module; the order is the order of ``fpocmh --help``.
+COMMANDS = {
+    "run": "fpocmh.commands.run",
+    "replay": "fpocmh.commands.replay",
+    "encode": "fpocmh.commands.encode",
+    "learn": "fpocmh.commands.learn",
+    "query": "fpocmh.commands.query",
+    "serve-queries": "fpocmh.commands.serve_queries",
+    "topics": "fpocmh.commands.topics",
+    "broker": "fpocmh.commands.broker",
+    "train": "fpocmh.commands.train",
+    "bench": "fpocmh.commands.bench",
+}
+
+
+class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fpocmh",
+        description="Online cross-modal hashing on streams (FPO-CMH, DLCH) with Kafka.",
+        formatter_class=Formatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module_name in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP, formatter_class=Formatter)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError) as exc:
+        # Config, dataset and state errors already name the file and what was expected.
+        print(f"fpocmh {args.command}: error: {exc}", file=sys.stderr)
+        return 2

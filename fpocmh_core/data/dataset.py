@@ -1,0 +1,88 @@
+"""The in-memory dataset every protocol, learner and benchmark works on."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class DatasetError(ValueError):
+    """A dataset file is missing, malformed or inconsistent. The message names file, key and rows."""
+
+
+def _rows(mask: np.ndarray, limit: int = 5) -> str:
+    idx = np.flatnonzero(mask)
+    shown = ", ".join(str(i) for i in idx[:limit])
+    return f"{idx.size} row(s): {shown}{', ...' if idx.size > limit else ''}"
+
+
+@dataclass(frozen=True, eq=False)
+class CrossModalDataset:
+    """Paired image/text features with multi-hot labels.
+
+    ``split`` marks query rows with 1 and database rows with 0 when the file suggests a split;
+    ``feature_space`` is ``"separate"`` when the two modalities live in different spaces (our
+    benchmark) and ``"joint"`` when they share one (CLIP-like features).
+    """
+
+    name: str
+    image: np.ndarray
+    text: np.ndarray
+    labels: np.ndarray
+    split: np.ndarray | None = None
+    label_names: tuple[str, ...] = ()
+    feature_space: str = "separate"
+    source: str = ""
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        where = self.source or self.name
+        n = self.image.shape[0]
+        for key, arr in (("image", self.image), ("text", self.text), ("labels", self.labels)):
+            if arr.ndim != 2:
+                raise DatasetError(f"{where}: {key} must be 2-D (items x dims), got shape {arr.shape}")
+            if arr.shape[0] != n:
+                raise DatasetError(
+                    f"{where}: {key} has {arr.shape[0]} rows but image has {n}; rows must be aligned across modalities"
+                )
+        for key, arr in (("image", self.image), ("text", self.text)):
+            bad = ~np.isfinite(arr).all(axis=1)
+            if bad.any():
+                raise DatasetError(f"{where}: {key} has NaN or inf in {_rows(bad)}")
+        if not np.isin(self.labels, (0, 1)).all():
+            raise DatasetError(f"{where}: labels must be multi-hot 0/1")
+        empty = self.labels.sum(axis=1) == 0
+        if empty.any():
+            raise DatasetError(f"{where}: labels has empty label rows in {_rows(empty)}")
+        if self.split is not None and self.split.shape != (n,):
+            raise DatasetError(f"{where}: split must have shape ({n},), got {self.split.shape}")
+        if self.label_names and len(self.label_names) != self.labels.shape[1]:
+            raise DatasetError(f"{where}: {len(self.label_names)} label names for {self.labels.shape[1]} label columns")
+        if self.feature_space not in ("separate", "joint"):
+            raise DatasetError(f"{where}: feature_space must be 'separate' or 'joint'")
+
+    def __len__(self) -> int:
+        return self.image.shape[0]
+
+    @property
+    def n_labels(self) -> int:
+        return self.labels.shape[1]
+
+    @property
+    def dims(self) -> tuple[int, int]:
+        return self.image.shape[1], self.text.shape[1]
+
+    def label_index(self, name: str) -> int:
+        if name not in self.label_names:
+            raise DatasetError(f"{self.source or self.name}: no label named {name!r}; have {self.label_names}")
+        return self.label_names.index(name)
+
+    def fingerprint(self) -> str:
+        """A short content hash, recorded in checkpoint manifests."""
+        h = hashlib.sha256()
+        for arr in (self.image, self.text, self.labels):
+            h.update(str(arr.shape).encode())
+            h.update(np.ascontiguousarray(arr).tobytes())
+        return h.hexdigest()[:16]

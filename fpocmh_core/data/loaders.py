@@ -1,0 +1,86 @@
+"""Find and load dataset files: our ``.npz`` layout and the MATLAB/HDF5 layouts of published code."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from fpocmh_core.data.dataset import CrossModalDataset, DatasetError
+
+DATA_ENV = "FPOCMH_DATA"
+# Looked in, in order, when neither a path nor FPOCMH_DATA is given.
+DEFAULT_DATA_DIRS = (Path("data"), Path("../shared/data"))
+DEFAULT_PATTERN = "mirflickr15677_*.npz"
+
+
+def find_dataset(path: str | Path | None = None, pattern: str = DEFAULT_PATTERN) -> Path:
+    """Resolve a dataset path from an argument, ``$FPOCMH_DATA``, or the default data folders.
+
+    A directory is searched for ``pattern`` (the MIRFlickr benchmark by default).
+    """
+    candidates: list[Path]
+    if path is not None:
+        candidates, origin = [Path(path)], "--data"
+    elif os.environ.get(DATA_ENV):
+        candidates, origin = [Path(os.environ[DATA_ENV])], f"${DATA_ENV}"
+    else:
+        candidates, origin = list(DEFAULT_DATA_DIRS), "the default data folders"
+    for cand in candidates:
+        if cand.is_file():
+            return cand
+        if cand.is_dir():
+            hits = sorted(cand.glob(pattern))
+            if hits:
+                return hits[0]
+    looked = ", ".join(str(c.resolve()) for c in candidates)
+    raise DatasetError(
+        f"no dataset found from {origin}: looked for a file or a folder holding {pattern!r} in {looked}. "
+        f"Pass --data PATH or set {DATA_ENV}."
+    )
+
+
+def _require(keys: set[str], needed: tuple[str, ...], path: Path) -> None:
+    missing = [k for k in needed if k not in keys]
+    if missing:
+        raise DatasetError(f"{path}: missing key(s) {missing}; the file has {sorted(keys)}")
+
+
+def load_npz(path: Path) -> CrossModalDataset:
+    """Our layout: ``img_feat``, ``txt_feat``, ``labels``; optional ``split``, ``label_names``, extras."""
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"{path}: not a readable .npz file ({exc})") from exc
+    with npz:
+        keys = set(npz.files)
+        _require(keys, ("img_feat", "txt_feat", "labels"), path)
+        split = npz["split"].astype(np.uint8) if "split" in keys else None
+        names = tuple(str(s) for s in npz["label_names"]) if "label_names" in keys else ()
+        space = str(npz["feature_space"]) if "feature_space" in keys else "separate"
+        extras = {k: npz[k] for k in ("ids", "txt_minilm") if k in keys}
+        return CrossModalDataset(
+            name=path.stem,
+            image=npz["img_feat"].astype(np.float32),
+            text=npz["txt_feat"].astype(np.float32),
+            labels=npz["labels"].astype(np.uint8),
+            split=split,
+            label_names=names,
+            feature_space=space,
+            source=str(path),
+            extras=extras,
+        )
+
+
+def load_dataset(path: str | Path | None = None, **kwargs: object) -> CrossModalDataset:
+    """Load any supported layout; the format follows the file's suffix."""
+    resolved = find_dataset(path)
+    suffix = resolved.suffix.lower()
+    if suffix == ".npz":
+        return load_npz(resolved)
+    if suffix in (".mat", ".h5", ".hdf5"):
+        from fpocmh_core.data.matlab import load_mat
+
+        return load_mat(resolved, **kwargs)  # type: ignore[arg-type]
+    raise DatasetError(f"{resolved}: unsupported file type {suffix!r}; expected .npz, .mat, .h5 or .hdf5")

@@ -1,0 +1,1 @@
+"""Online learners. Every learner implements :class:`fpocmh_core.learners.base.OnlineLearner`."""

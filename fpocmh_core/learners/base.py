@@ -1,0 +1,74 @@
+"""The learner contract shared by FPO-CMH, DLCH and the baselines.
+
+Split as in river: ``learn`` changes state, ``encode`` never does. A learner publishes its state as a
+versioned :class:`ModelState`; encoders and query consumers rebuild a :class:`HashModel` from it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fpocmh_core.nets import HashModel
+from fpocmh_core.records import ItemRecord, Modality
+from fpocmh_core.state import ModelState
+
+
+@dataclass(frozen=True)
+class CodeRecord:
+    """A database code a learner asks the pipeline to store (DLCH learns codes for new items)."""
+
+    item_id: int
+    modality: Modality
+    code: np.ndarray  # packed uint8, bits/8 bytes
+
+
+@dataclass
+class LearnReport:
+    """What one ``learn`` call did: optimiser steps per modality, mean loss terms, codes to publish."""
+
+    items: int = 0
+    steps: dict[str, int] = field(default_factory=lambda: {"img": 0, "txt": 0})
+    losses: dict[str, float] = field(default_factory=dict)
+    codes: list[CodeRecord] = field(default_factory=list)
+    bank_rows: int | None = None
+
+
+class OnlineLearner(ABC):
+    """Learns from arrivals; encodes with its current hash model; exports and imports versioned state."""
+
+    method: str = "abstract"
+
+    def __init__(self, model: HashModel) -> None:
+        self.model = model
+        self.version = 0
+        self.parent_version: int | None = None
+
+    @property
+    def bits(self) -> int:
+        return self.model.bits
+
+    @abstractmethod
+    def learn(self, batch: Sequence[ItemRecord]) -> LearnReport:
+        """Update from a batch of arrivals (in arrival order)."""
+
+    def encode(self, x: np.ndarray, modality: Modality) -> np.ndarray:
+        """Packed codes from the current model. Pure: never changes the learner."""
+        return self.model.encode(x, modality)
+
+    @abstractmethod
+    def export_state(self) -> ModelState:
+        """The learner's full state at ``self.version`` (model tensors under ``model.``)."""
+
+    def bump_version(self) -> int:
+        """Called by whoever publishes: the next export carries a new version and its parent."""
+        self.parent_version, self.version = self.version, self.version + 1
+        return self.version
+
+
+def model_from_state(state: ModelState) -> HashModel:
+    """The hash model inside any learner's state: what encoders and query consumers need."""
+    return HashModel.from_tensors(state.meta["arch"], state.subset("model"))
