@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fpocmh_core.data import CrossModalDataset
 from fpocmh_core.nets import HashModel
 from fpocmh_core.records import ItemRecord, Modality
 from fpocmh_core.state import ModelState
@@ -61,7 +62,24 @@ class OnlineLearner(ABC):
 
     @abstractmethod
     def export_state(self) -> ModelState:
-        """The learner's full state at ``self.version`` (model tensors under ``model.``)."""
+        """The learner's full state at ``self.version`` (model tensors under ``model.``, ``meta["arch"]``)."""
+
+    @classmethod
+    @abstractmethod
+    def from_state(cls, state: ModelState) -> OnlineLearner:
+        """Rebuild a learner (same version, same future behaviour) from :meth:`export_state`'s output."""
+
+    @classmethod
+    @abstractmethod
+    def bootstrap(
+        cls,
+        ds: CrossModalDataset,
+        rows: np.ndarray,
+        bits: int,
+        overrides: dict | None = None,
+        progress: bool = True,
+    ) -> OnlineLearner:
+        """Version 0: train the method's offline/original phase on the paired, labelled ``rows``."""
 
     def bump_version(self) -> int:
         """Called by whoever publishes: the next export carries a new version and its parent."""
