@@ -1,0 +1,1 @@
+"""Kafka consumer roles (encoder, learner, query): thin adapters around ``fpocmh_core``."""

@@ -1,0 +1,93 @@
+"""Every Prometheus metric of the system, in one place.
+
+Naming follows Prometheus rules: ``fpocmh_`` prefix, base units, ``_total`` counters, ``_seconds``
+histograms, labels from small fixed sets only (role, topic, partition, modality, term, direction,
+reason). Pass a private ``registry`` in tests; roles in one process (``fpocmh run``) share one
+:class:`Metrics` and are told apart by the ``role`` label.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+ROLES = ("replay", "encoder", "learner", "query")
+MODALITIES = ("img", "txt")
+DEAD_LETTER_REASONS = ("schema", "decode", "shape", "process")
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.registry = registry
+        self.messages_consumed = Counter(
+            "fpocmh_messages_consumed_total", "Messages consumed", ["role", "topic"], registry=registry
+        )
+        self.messages_produced = Counter(
+            "fpocmh_messages_produced_total", "Messages produced and acknowledged", ["role", "topic"], registry=registry
+        )
+        self.batch_duration = Histogram(
+            "fpocmh_batch_duration_seconds",
+            "Time to process one polled batch, decode to commit",
+            ["role"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.consumer_lag = Gauge(
+            "fpocmh_consumer_lag",
+            "Messages behind the high watermark, per partition",
+            ["role", "topic", "partition"],
+            registry=registry,
+        )
+        self.dead_letters = Counter(
+            "fpocmh_dead_letters_total", "Messages sent to the dead-letter topic", ["role", "reason"], registry=registry
+        )
+        self.learner_steps = Counter(
+            "fpocmh_learner_steps_total", "Optimiser steps per modality", ["modality"], registry=registry
+        )
+        self.learner_loss = Gauge(
+            "fpocmh_learner_loss", "Mean loss term of the last batch", ["term"], registry=registry
+        )
+        self.bank_rows = Gauge("fpocmh_bank_rows", "Rows (categories) in the anchor bank", registry=registry)
+        self.model_version = Gauge(
+            "fpocmh_model_version",
+            "Model version published (learner) or in use (encoder, query)",
+            ["role"],
+            registry=registry,
+        )
+        self.model_published = Gauge(
+            "fpocmh_model_published_timestamp_seconds",
+            "Unix time the model version in use was published; its age is time() minus this",
+            ["role"],
+            registry=registry,
+        )
+        self.model_updates = Counter(
+            "fpocmh_model_updates_total",
+            "Model versions published (learner) or applied (others)",
+            ["role"],
+            registry=registry,
+        )
+        self.model_update_bytes = Histogram(
+            "fpocmh_model_update_bytes",
+            "Serialized size of a published model update",
+            buckets=(1e4, 1e5, 1e6, 4e6, 1.6e7, 6.4e7),
+            registry=registry,
+        )
+        self.store_codes = Gauge("fpocmh_store_codes", "Codes held by the query store", ["modality"], registry=registry)
+        self.store_ready = Gauge(
+            "fpocmh_store_ready", "1 once the query store has read the codes topic to its end", registry=registry
+        )
+        self.query_duration = Histogram(
+            "fpocmh_query_duration_seconds",
+            "Query latency: request consumed to answer produced (role=query), or round trip (role=replay)",
+            ["role"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.retrieval_map = Gauge(
+            "fpocmh_retrieval_map", "Live retrieval mAP of the replayed query set", ["direction"], registry=registry
+        )
+
+    def serve(self, port: int, addr: str = "127.0.0.1") -> None:
+        """Expose ``/metrics`` on ``addr:port`` (0 disables)."""
+        if port:
+            start_http_server(port, addr=addr, registry=self.registry)
