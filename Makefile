@@ -1,0 +1,16 @@
+# The two commands of the README. `.ci/run` runs exactly `make install test`.
+.PHONY: install test run lint
+
+# The package and its test tools, plus Debian's prometheus for the metrics integration test.
+install:
+	pip install -e ".[test]"
+	command -v prometheus >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; }
+
+test:
+	python -m pytest -q
+
+run:
+	fpocmh run
+
+lint:
+	ruff check . && ruff format --check .
