@@ -110,7 +110,8 @@ def p1_chunk_records(ds: CrossModalDataset, split: P1Split, cfg: P1Config, chunk
     FPO-CMH code at share 1.0). Each item carries its labels with probability ``label_share``.
     """
     rows = split.chunks[chunk]
-    rng = _rng(cfg.seed + chunk, "p1-chunk")
+    # The chunk goes into the purpose, not the seed: seed s, chunk c+1 must not replay seed s+1, chunk c.
+    rng = _rng(cfg.seed, f"p1-chunk-{chunk}")
     n_split = int(round(cfg.unimodal_share * rows.size))
     split_mask = np.zeros(rows.size, dtype=bool)
     split_mask[rng.permutation(rows.size)[:n_split]] = True

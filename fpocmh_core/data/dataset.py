@@ -18,6 +18,33 @@ def _rows(mask: np.ndarray, limit: int = 5) -> str:
     return f"{idx.size} row(s): {shown}{', ...' if idx.size > limit else ''}"
 
 
+def check_features(arr: np.ndarray, key: str, where: str) -> None:
+    """2-D and finite; loaders call it with the file's own key so the message points into the file."""
+    if arr.ndim != 2:
+        raise DatasetError(f"{where}: {key} must be 2-D (items x dims), got shape {arr.shape}")
+    bad = ~np.isfinite(arr).all(axis=1)
+    if bad.any():
+        raise DatasetError(f"{where}: {key} has NaN or inf in {_rows(bad)}")
+
+
+def check_labels(arr: np.ndarray, key: str, where: str) -> None:
+    """2-D, multi-hot 0/1 and no item without a label (relevance would be undefined for it)."""
+    if arr.ndim != 2:
+        raise DatasetError(f"{where}: {key} must be 2-D (items x dims), got shape {arr.shape}")
+    if not np.isin(arr, (0, 1)).all():
+        raise DatasetError(f"{where}: {key} must be multi-hot 0/1")
+    empty = arr.sum(axis=1) == 0
+    if empty.any():
+        raise DatasetError(f"{where}: {key} has empty label rows in {_rows(empty)}")
+
+
+def check_aligned(arrays: dict[str, np.ndarray], where: str) -> None:
+    """One row per item in every array, so row i of each modality describes the same item."""
+    if len({arr.shape[0] for arr in arrays.values()}) > 1:
+        shapes = ", ".join(f"{key} {arr.shape}" for key, arr in arrays.items())
+        raise DatasetError(f"{where}: row counts disagree ({shapes}); rows must be aligned across modalities")
+
+
 @dataclass(frozen=True, eq=False)
 class CrossModalDataset:
     """Paired image/text features with multi-hot labels.
@@ -39,23 +66,11 @@ class CrossModalDataset:
 
     def __post_init__(self) -> None:
         where = self.source or self.name
+        check_features(self.image, "image", where)
+        check_features(self.text, "text", where)
+        check_labels(self.labels, "labels", where)
+        check_aligned({"image": self.image, "text": self.text, "labels": self.labels}, where)
         n = self.image.shape[0]
-        for key, arr in (("image", self.image), ("text", self.text), ("labels", self.labels)):
-            if arr.ndim != 2:
-                raise DatasetError(f"{where}: {key} must be 2-D (items x dims), got shape {arr.shape}")
-            if arr.shape[0] != n:
-                raise DatasetError(
-                    f"{where}: {key} has {arr.shape[0]} rows but image has {n}; rows must be aligned across modalities"
-                )
-        for key, arr in (("image", self.image), ("text", self.text)):
-            bad = ~np.isfinite(arr).all(axis=1)
-            if bad.any():
-                raise DatasetError(f"{where}: {key} has NaN or inf in {_rows(bad)}")
-        if not np.isin(self.labels, (0, 1)).all():
-            raise DatasetError(f"{where}: labels must be multi-hot 0/1")
-        empty = self.labels.sum(axis=1) == 0
-        if empty.any():
-            raise DatasetError(f"{where}: labels has empty label rows in {_rows(empty)}")
         if self.split is not None and self.split.shape != (n,):
             raise DatasetError(f"{where}: split must have shape ({n},), got {self.split.shape}")
         if self.label_names and len(self.label_names) != self.labels.shape[1]:

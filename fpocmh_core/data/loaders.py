@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fpocmh_core.data.dataset import CrossModalDataset, DatasetError
+from fpocmh_core.data.dataset import CrossModalDataset, DatasetError, check_aligned, check_features, check_labels
 
 DATA_ENV = "FPOCMH_DATA"
 # Looked in, in order, when neither a path nor FPOCMH_DATA is given.
@@ -41,7 +41,7 @@ def find_dataset(path: str | Path | None = None, pattern: str = DEFAULT_PATTERN)
     )
 
 
-def _require(keys: set[str], needed: tuple[str, ...], path: Path) -> None:
+def require_keys(keys: set[str], needed: tuple[str, ...], path: Path) -> None:
     missing = [k for k in needed if k not in keys]
     if missing:
         raise DatasetError(f"{path}: missing key(s) {missing}; the file has {sorted(keys)}")
@@ -55,16 +55,22 @@ def load_npz(path: Path) -> CrossModalDataset:
         raise DatasetError(f"{path}: not a readable .npz file ({exc})") from exc
     with npz:
         keys = set(npz.files)
-        _require(keys, ("img_feat", "txt_feat", "labels"), path)
+        require_keys(keys, ("img_feat", "txt_feat", "labels"), path)
+        arrays = {k: npz[k] for k in ("img_feat", "txt_feat", "labels")}
+        # Checked under the file's own key names, so a message points at what to fix in the file.
+        check_features(arrays["img_feat"], "img_feat", str(path))
+        check_features(arrays["txt_feat"], "txt_feat", str(path))
+        check_labels(arrays["labels"], "labels", str(path))
+        check_aligned(arrays, str(path))
         split = npz["split"].astype(np.uint8) if "split" in keys else None
         names = tuple(str(s) for s in npz["label_names"]) if "label_names" in keys else ()
         space = str(npz["feature_space"]) if "feature_space" in keys else "separate"
         extras = {k: npz[k] for k in ("ids", "txt_minilm") if k in keys}
         return CrossModalDataset(
             name=path.stem,
-            image=npz["img_feat"].astype(np.float32),
-            text=npz["txt_feat"].astype(np.float32),
-            labels=npz["labels"].astype(np.uint8),
+            image=arrays["img_feat"].astype(np.float32),
+            text=arrays["txt_feat"].astype(np.float32),
+            labels=arrays["labels"].astype(np.uint8),
             split=split,
             label_names=names,
             feature_space=space,
