@@ -8,12 +8,19 @@ reason). Pass a private ``registry`` in tests; roles in one process (``fpocmh ru
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 ROLES = ("replay", "encoder", "learner", "query")
 MODALITIES = ("img", "txt")
 DEAD_LETTER_REASONS = ("schema", "decode", "shape", "process")
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# Where /metrics listens when the caller names no address; containers set it to 0.0.0.0 so that
+# Prometheus, in its own container, can reach them.
+METRICS_ADDR_ENV = "FPOCMH_METRICS_ADDR"
+# Up to a minute: a learner batch or a replayed batch of queries on a busy machine takes seconds, and
+# a quantile above the last finite bucket would only show that bucket's bound.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class Metrics:
@@ -87,7 +94,8 @@ class Metrics:
             "fpocmh_retrieval_map", "Live retrieval mAP of the replayed query set", ["direction"], registry=registry
         )
 
-    def serve(self, port: int, addr: str = "127.0.0.1") -> None:
-        """Expose ``/metrics`` on ``addr:port`` (0 disables)."""
+    def serve(self, port: int, addr: str | None = None) -> None:
+        """Expose ``/metrics`` on ``addr:port`` (0: off); no ``addr``: ``$FPOCMH_METRICS_ADDR``, else loopback."""
         if port:
+            addr = addr or os.environ.get(METRICS_ADDR_ENV, "127.0.0.1")
             start_http_server(port, addr=addr, registry=self.registry)
