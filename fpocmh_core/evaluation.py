@@ -81,6 +81,13 @@ def mean_average_precision(
     return float(_average_precision(rel).mean())
 
 
+def mean_average_precision_ranked(rel_ranked: np.ndarray) -> float:
+    """mAP from relevance already in ranked order (one row per query), e.g. a search service's answers."""
+    if rel_ranked.shape[0] == 0:
+        return 0.0
+    return float(_average_precision(np.asarray(rel_ranked, dtype=bool)).mean())
+
+
 def precision_at_k(
     q_packed: np.ndarray, db_packed: np.ndarray, q_labels: np.ndarray, db_labels: np.ndarray, ks: Sequence[int]
 ) -> dict[int, float]:

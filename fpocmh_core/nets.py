@@ -33,10 +33,16 @@ class HashNet(nn.Module):
         layers.append(nn.Linear(width, bits))
         self.body = nn.Sequential(*layers)
 
-    def fit_scaler(self, x: np.ndarray) -> None:
+    def fit_scaler(self, x: np.ndarray, per_feature: bool = True) -> None:
+        """Per-feature standardisation, or (``per_feature=False``) one scale and no centring: for sparse
+        features such as a bag of words, where per-feature scaling blows a rare word up to a huge input."""
         x = np.asarray(x, dtype=np.float32)
-        self.mean.copy_(torch.from_numpy(x.mean(axis=0)))
-        self.scale.copy_(torch.from_numpy(np.maximum(x.std(axis=0), 1e-3)))
+        if per_feature:
+            self.mean.copy_(torch.from_numpy(x.mean(axis=0)))
+            self.scale.copy_(torch.from_numpy(np.maximum(x.std(axis=0), 1e-3)))
+        else:
+            self.mean.zero_()
+            self.scale.fill_(max(float(x.std()), 1e-3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.body((x - self.mean) / self.scale))

@@ -1,0 +1,398 @@
+"""``fpocmh bench pipeline``: what the broker costs, measured against bounds taken in the same run.
+
+1. Ingest: arrivals -> encoder process(es) -> codes topic, in items/s, next to (a) the encoder's
+   in-process throughput on the same message bytes (decode, hash, encode the code record) and (b) the
+   broker's raw produce -> consume throughput for messages of the same bytes.
+2. Query latency for top-100 through Kafka (request topic -> query process -> reply topic) at growing
+   store sizes (synthetic codes), against in-process faiss search on the same codes and the
+   memory-bandwidth bound of one scan.
+3. Ingest with two encoder processes over one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HELP = "pipeline benchmark: ingest vs encoder and broker bounds, query latency vs in-process search, 2 encoders"
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from fpocmh.commands.pipeline_args import add_pipeline_arguments
+    from fpocmh_core.bench.report import add_common_arguments
+
+    add_common_arguments(parser)
+    add_pipeline_arguments(parser)
+    parser.add_argument("--items", type=int, default=100_000, help="arrivals per ingest measurement")
+    parser.add_argument(
+        "--sizes", type=float, nargs="+", default=[1e4, 1e5, 1e6], help="stored codes for the query latency sweep"
+    )
+    parser.add_argument("--probes", type=int, default=300, help="sequential queries per store size")
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/bench_pipeline"), help="logs of the roles")
+
+
+# --------------------------------------------------------------------------------------------- setup
+
+
+def tagged(cfg: Any, tag: str) -> Any:
+    """``cfg`` with topics and groups of its own, so measurements never see each other's messages."""
+    from consumers.settings import Topics
+
+    topics = Topics(**{f.name: f"{getattr(cfg.topics, f.name)}.{tag}" for f in dataclasses.fields(Topics)})
+    return dataclasses.replace(
+        cfg,
+        topics=topics,
+        encoder=dataclasses.replace(cfg.encoder, group=f"{cfg.encoder.group}.{tag}"),
+        query=dataclasses.replace(cfg.query, group=f"{cfg.query.group}.{tag}"),
+    )
+
+
+def stream_messages(ds: Any, split: Any, p1cfg: Any, n: int) -> list[tuple[bytes, bytes, list]]:
+    """(key, value, headers) of ``n`` P1 stream arrivals; the stream repeats with new item ids."""
+    from fpocmh_core import schemas
+    from fpocmh_core.protocols import p1_chunk_records
+    from fpocmh_core.records import ItemRecord
+    from producers.replay import wire_dtypes
+
+    records = [r for c in range(len(split.chunks)) for r in p1_chunk_records(ds, split, p1cfg, c)]
+    dtypes = wire_dtypes(ds)
+    out = []
+    for i in range(n):
+        r = records[i % len(records)]
+        item = ItemRecord(r.item_id + 1_000_000 * (i // len(records)), r.image, r.text, r.labels, r.chunk)
+        value, headers = schemas.encode_arrival(item, dtypes)
+        out.append((str(item.item_id).encode(), value, headers))
+    return out
+
+
+def model_state(ds: Any, bits: int) -> Any:
+    """Version 0 for throughput and latency: the deployed shape (1024 hidden), weights don't matter."""
+    from fpocmh_core.nets import HashModel
+    from fpocmh_core.state import ModelState
+
+    model = HashModel.create(ds.dims, bits, hidden=(1024,))
+    return ModelState("fpocmh", 0, None, model.tensors(), {"arch": model.arch()})
+
+
+def publish(cfg: Any, state: Any, metrics: Any) -> None:
+    from consumers.models import publish_model
+    from consumers.runtime import Runtime
+
+    rt = Runtime(cfg, "learner", metrics)
+    publish_model(rt, state)
+    rt.flush()
+
+
+class Counter(threading.Thread):
+    """Counts messages on a topic (all partitions, from the start) and notes when ``target`` is reached."""
+
+    def __init__(self, cfg: Any, topic: str) -> None:
+        from confluent_kafka import OFFSET_BEGINNING
+
+        from consumers.kafka import assign_all, make_consumer
+
+        super().__init__(daemon=True)
+        self.consumer = make_consumer(cfg, "bench", None, 10)
+        assign_all(self.consumer, topic, OFFSET_BEGINNING)
+        self.count = 0
+        self.target = 0
+        self.reached = threading.Event()
+        self.reached_at = 0.0
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            self.count += sum(1 for m in self.consumer.consume(10000, 0.05) if m.error() is None)
+            if self.target and self.count >= self.target and not self.reached.is_set():
+                self.reached_at = time.perf_counter()
+                self.reached.set()
+        self.consumer.close()
+
+    def wait_for(self, target: int, timeout_s: float) -> float:
+        self.reached.clear()
+        self.target = target
+        if self.count >= target:
+            self.reached_at = time.perf_counter()
+            self.reached.set()
+        if not self.reached.wait(timeout_s):
+            raise TimeoutError(f"{self.count} of {target} messages after {timeout_s:.0f} s")
+        return self.reached_at
+
+
+def produce_all(cfg: Any, topic: str, messages: list[tuple[bytes, bytes, list]], metrics: Any) -> float:
+    """Produce as fast as the client takes them; returns the time of the first produce."""
+    from consumers.runtime import Runtime
+
+    rt = Runtime(cfg, "replay", metrics)
+    start = time.perf_counter()
+    for key, value, headers in messages:
+        rt.produce(topic, value, key=key, headers=headers)
+    rt.flush()
+    return start
+
+
+# ------------------------------------------------------------------------------------------- ingest
+
+
+def encoder_in_process(cfg: Any, state: Any, messages: list[tuple[bytes, bytes, list]]) -> dict[str, float]:
+    """The encoder's work without the broker, on the same bytes: decode, hash, encode code records."""
+    import torch
+
+    from consumers.encoder import check_dims, encode_records
+    from fpocmh_core import schemas
+    from fpocmh_core.learners.base import model_from_state
+    from fpocmh_core.records import Modality
+
+    torch.set_num_threads(cfg.encoder.threads)
+    model = model_from_state(state)
+    model.eval()
+    batch = cfg.encoder.batch_size
+    start = time.perf_counter()
+    for i in range(0, len(messages), batch):
+        records = [schemas.decode_arrival(v, h) for _k, v, h in messages[i : i + batch]]
+        for r in records:
+            check_dims(r, (model.image.in_dim, model.text.in_dim))
+        [schemas.encode_code(c) for c in encode_records(model, records, 0)]
+    full = len(messages) / (time.perf_counter() - start)
+    # The MLP alone on image items, for comparison with the design note (~30,000 items/s on one core).
+    images = np.stack(
+        [r.image for r in (schemas.decode_arrival(v, h) for _k, v, h in messages[:20000]) if r.image is not None]
+    )
+    start = time.perf_counter()
+    for i in range(0, images.shape[0], batch):
+        model.encode(images[i : i + batch], Modality.IMAGE)
+    return {"encoder_items_per_s": full, "mlp_image_items_per_s": images.shape[0] / (time.perf_counter() - start)}
+
+
+def broker_raw(cfg: Any, messages: list[tuple[bytes, bytes, list]], metrics: Any) -> float:
+    """Produce -> consume items/s for the same message bytes, no processing in between."""
+    from consumers.kafka import ensure_topics
+
+    cfg = tagged(cfg, "raw-" + uuid.uuid4().hex[:6])
+    ensure_topics(cfg)
+    counter = Counter(cfg, cfg.topics.arrivals)
+    counter.start()
+    try:
+        start = produce_all(cfg, cfg.topics.arrivals, messages, metrics)
+        end = counter.wait_for(len(messages), 300)
+    finally:
+        counter.halt.set()
+    return len(messages) / (end - start)
+
+
+def ingest(
+    cfg: Any, state: Any, messages: list[tuple[bytes, bytes, list]], encoders: int, work: Path, metrics: Any
+) -> float:
+    """Arrivals -> ``encoders`` encoder processes -> codes topic, in items/s (one code per item here)."""
+    from consumers import settings
+    from consumers.kafka import ensure_topics
+    from consumers.processes import RoleProcess
+
+    cfg = tagged(cfg, f"ingest{encoders}-" + uuid.uuid4().hex[:6])
+    ensure_topics(cfg)
+    publish(cfg, state, metrics)
+    config_path = settings.dump(cfg, work / f"ingest{encoders}.yaml")
+    roles = [
+        RoleProcess("encode", config_path, work / f"ingest{encoders}-encoder{i}.log").start() for i in range(encoders)
+    ]
+    counter = Counter(cfg, cfg.topics.codes)
+    counter.start()
+    try:
+        # Warm-up: every encoder has joined the group and loaded the model once these are coded.
+        warm = [(k, v, h) for k, v, h in messages[:4000]]
+        produce_all(cfg, cfg.topics.arrivals, warm, metrics)
+        counter.wait_for(len(warm), 180)
+        time.sleep(1.0)
+        start = produce_all(cfg, cfg.topics.arrivals, messages, metrics)
+        end = counter.wait_for(len(warm) + len(messages), 600)
+    finally:
+        counter.halt.set()
+        for role in roles:
+            role.stop()
+    return len(messages) / (end - start)
+
+
+# -------------------------------------------------------------------------------------------- query
+
+
+def read_bandwidth_gb_s() -> float:
+    """Single-thread memory read bandwidth: the best of a few reductions over 256 MiB."""
+    data = np.ones(2**25, dtype=np.uint64)
+    best = 0.0
+    for _ in range(3):
+        start = time.perf_counter()
+        np.bitwise_or.reduce(data)
+        best = max(best, data.nbytes / (time.perf_counter() - start))
+    return best / 1e9
+
+
+def query_sweep(
+    cfg: Any, state: Any, ds: Any, query_rows: np.ndarray, sizes: list[int], probes: int, work: Path, metrics: Any
+) -> list[dict[str, float]]:
+    import faiss
+
+    from consumers import settings
+    from consumers.kafka import ensure_topics
+    from consumers.processes import RoleProcess
+    from consumers.query import Query, QueryClient
+    from consumers.runtime import Runtime
+    from fpocmh_core import schemas
+    from fpocmh_core.records import Modality
+
+    cfg = tagged(cfg, "query-" + uuid.uuid4().hex[:6])
+    ensure_topics(cfg)
+    publish(cfg, state, metrics)
+    config_path = settings.dump(cfg, work / "query.yaml")
+    role = RoleProcess("serve-queries", config_path, work / "query.log").start()
+    rng = np.random.default_rng(0)
+    all_codes = np.zeros((0, cfg.bits // 8), np.uint8)
+    bandwidth = read_bandwidth_gb_s()
+    faiss.omp_set_num_threads(1)
+    out = []
+    # Few, large record batches: tansu's in-memory store slows down as a topic's batch count grows.
+    rt = Runtime(cfg, "replay", metrics, producer_props={"linger.ms": 100, "batch.size": cfg.message_max_bytes})
+    try:
+        with QueryClient(cfg) as client:
+            for size in sizes:
+                fill_start = time.perf_counter()
+                new = rng.integers(0, 256, (size - all_codes.shape[0], cfg.bits // 8), dtype=np.uint8)
+                for i, code in enumerate(new, start=all_codes.shape[0]):
+                    msg = schemas.CodeMessage(i, Modality.TEXT, code, 0, (Modality.TEXT,))
+                    rt.produce(cfg.topics.codes, schemas.encode_code(msg), key=msg.key, headers=schemas.CODE_HEADERS)
+                rt.flush()
+                all_codes = np.concatenate([all_codes, new])
+                deadline = time.monotonic() + 600
+                while True:
+                    role.check_alive()
+                    try:
+                        if client.status(timeout_s=5).store_codes[1] >= size:
+                            break
+                    except TimeoutError:
+                        pass
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"query store did not reach {size} codes")
+                    time.sleep(0.2)
+                fill_s = time.perf_counter() - fill_start
+                times = []
+                for i in range(probes):
+                    start = time.perf_counter()
+                    client.search(Query(ds.image[query_rows[i % query_rows.size]], Modality.IMAGE, 100))
+                    times.append(time.perf_counter() - start)
+                index = faiss.IndexBinaryFlat(cfg.bits)
+                index.add(all_codes)
+                q_codes = all_codes[rng.integers(0, size, probes)]
+                local = []
+                for q in q_codes:
+                    start = time.perf_counter()
+                    index.search(q[None, :], 100)
+                    local.append(time.perf_counter() - start)
+                ms = 1e3 * np.array(times)
+                out.append(
+                    {
+                        "codes": size,
+                        "p50_ms": float(np.percentile(ms, 50)),
+                        "p99_ms": float(np.percentile(ms, 99)),
+                        "inprocess_ms": float(1e3 * np.median(local)),
+                        "bound_ms": float(1e3 * all_codes.nbytes / (bandwidth * 1e9)),
+                        # produce -> codes topic -> query store, for the codes added at this step
+                        "fill_codes_per_s": float(new.shape[0] / fill_s),
+                    }
+                )
+                log.info("query sweep: %s", out[-1])
+    finally:
+        role.stop()
+    for row in out:
+        row["bandwidth_gb_s"] = bandwidth
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def run(args: argparse.Namespace) -> int:
+    from prometheus_client import CollectorRegistry
+
+    from consumers.kafka import connect
+    from consumers.metrics import Metrics
+    from fpocmh.commands.pipeline_args import load_config
+    from fpocmh_core import config
+    from fpocmh_core.bench.report import format_table, machine, write_json
+    from fpocmh_core.data import load_dataset
+    from fpocmh_core.protocols import P1Config, p1_split
+
+    if len(args.bits) != 1:
+        raise ValueError("bench pipeline measures one code length at a time")
+    cfg = load_config(args, f"bits={args.bits[0]}")
+    ds = load_dataset(args.data)
+    p1cfg = config.load(P1Config, "p1")
+    split = p1_split(ds, p1cfg)
+    metrics = Metrics(CollectorRegistry())
+    work = args.work_dir / time.strftime("%Y%m%d-%H%M%S")
+    state = model_state(ds, cfg.bits)
+    messages = stream_messages(ds, split, p1cfg, args.items)
+    bytes_per_item = float(np.mean([len(v) + len(k) for k, v, _h in messages]))
+    print(f"{len(messages)} arrivals, {bytes_per_item:.0f} bytes each on average (key + value)", flush=True)
+
+    bound = encoder_in_process(cfg, state, messages)
+    print(
+        f"encoder in-process: {bound['encoder_items_per_s']:,.0f} items/s "
+        f"(MLP alone on images: {bound['mlp_image_items_per_s']:,.0f} items/s)",
+        flush=True,
+    )
+    with connect(cfg, work) as cfg:
+        broker = broker_raw(cfg, messages, metrics)
+        print(f"broker raw produce -> consume: {broker:,.0f} items/s", flush=True)
+        one = ingest(cfg, state, messages, 1, work, metrics)
+        print(f"ingest, 1 encoder: {one:,.0f} items/s", flush=True)
+        two = ingest(cfg, state, messages, 2, work, metrics)
+        print(f"ingest, 2 encoders: {two:,.0f} items/s", flush=True)
+        sizes = [int(s) for s in sorted(args.sizes)]
+        query = query_sweep(cfg, state, ds, split.query, sizes, args.probes, work, metrics)
+
+    lower = min(bound["encoder_items_per_s"], broker)
+    summary = {
+        "bits": cfg.bits,
+        "items": len(messages),
+        "bytes_per_item": bytes_per_item,
+        "ingest_items_per_s": one,
+        "encoder_items_per_s": bound["encoder_items_per_s"],
+        "mlp_image_items_per_s": bound["mlp_image_items_per_s"],
+        "broker_items_per_s": broker,
+        "ingest_share_of_lower_bound": one / lower,
+        "two_encoder_items_per_s": two,
+        "two_encoder_ratio": two / one,
+        "query": query,
+        "machine": machine(),
+    }
+    print()
+    print(
+        format_table(
+            [
+                {"measure": "ingest via broker, 1 encoder", "items/s": one, "share of lower bound": one / lower},
+                {"measure": "ingest via broker, 2 encoders", "items/s": two, "share of lower bound": two / lower},
+                {"measure": "bound: encoder in-process", "items/s": bound["encoder_items_per_s"]},
+                {"measure": "bound: broker produce->consume", "items/s": broker},
+            ],
+            ["measure", "items/s", "share of lower bound"],
+        )
+    )
+    print(f"two encoders / one: {two / one:.2f}")
+    print()
+    print(
+        format_table(
+            [{**r, "inprocess/bound": r["inprocess_ms"] / r["bound_ms"]} for r in query],
+            ["codes", "p50_ms", "p99_ms", "inprocess_ms", "bound_ms", "inprocess/bound"],
+        )
+    )
+    write_json(args.json, query, **{k: v for k, v in summary.items() if k != "machine"})
+    return 0

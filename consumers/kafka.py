@@ -1,0 +1,140 @@
+"""Kafka clients for every role, built from one config, and the pipeline's topics.
+
+Client properties are layered: fixed defaults, then the role's named settings, then every property of
+the ``kafka:`` mapping unchanged (so ``security.protocol``, ``sasl.*`` and ``ssl.*`` reach every
+client), then the few the roles own (group id, manual commits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from consumers.broker import EmbeddedBroker
+from consumers.settings import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+TOPIC_NAMES = ("arrivals", "codes", "models", "queries", "results", "dead_letters")
+# The code store and the model store are tables: the newest record per key is all a reader needs.
+COMPACTED = ("codes", "models")
+
+
+def _base(cfg: PipelineConfig) -> dict[str, Any]:
+    if not cfg.bootstrap_servers:
+        raise ValueError("no bootstrap.servers configured (and no embedded broker started)")
+    return {"bootstrap.servers": cfg.bootstrap_servers}
+
+
+def producer_config(cfg: PipelineConfig, role: str, **props: Any) -> dict[str, Any]:
+    conf = {
+        **_base(cfg),
+        "client.id": f"fpocmh-{role}",
+        "linger.ms": cfg.linger_ms,
+        "message.max.bytes": cfg.message_max_bytes,
+        # Roles look at failures only; per-message success callbacks cost a Python call each.
+        "delivery.report.only.error": True,
+        **props,
+    }
+    conf.update(cfg.kafka)
+    return conf
+
+
+def consumer_config(
+    cfg: PipelineConfig, role: str, group: str | None, fetch_wait_max_ms: int, **props: Any
+) -> dict[str, Any]:
+    conf = {
+        **_base(cfg),
+        "client.id": f"fpocmh-{role}",
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": cfg.session_timeout_ms,
+        "heartbeat.interval.ms": cfg.heartbeat_interval_ms,
+        "max.poll.interval.ms": cfg.max_poll_interval_ms,
+        "fetch.wait.max.ms": fetch_wait_max_ms,
+        # Model updates arrive in parts of up to message_max_bytes; fetch at least one whole part.
+        "fetch.max.bytes": max(52428800, 2 * cfg.message_max_bytes),
+        "max.partition.fetch.bytes": max(1048576, 2 * cfg.message_max_bytes),
+        **props,
+    }
+    conf.update(cfg.kafka)
+    # Readers of a whole topic (assign, no commits) still need a group id in librdkafka.
+    conf["group.id"] = group or f"fpocmh-{role}-reader-{uuid.uuid4().hex[:12]}"
+    conf["enable.auto.commit"] = False
+    return conf
+
+
+def admin_config(cfg: PipelineConfig) -> dict[str, Any]:
+    return {**_base(cfg), **cfg.kafka}
+
+
+def make_producer(cfg: PipelineConfig, role: str, **props: Any) -> Producer:
+    return Producer(producer_config(cfg, role, **props))
+
+
+def make_consumer(cfg: PipelineConfig, role: str, group: str | None, fetch_wait_max_ms: int, **props: Any) -> Consumer:
+    return Consumer(consumer_config(cfg, role, group, fetch_wait_max_ms, **props))
+
+
+def topic_properties(cfg: PipelineConfig, name: str) -> dict[str, str]:
+    props = {"cleanup.policy": "compact"} if name in COMPACTED else {}
+    props.update({k: str(v) for k, v in getattr(cfg.topic_config, name).items()})
+    return props
+
+
+def ensure_topics(cfg: PipelineConfig, timeout: float = 30.0) -> list[str]:
+    """Create the pipeline's topics that don't exist yet; returns the names created."""
+    admin = AdminClient(admin_config(cfg))
+    existing = set(admin.list_topics(timeout=timeout).topics)
+    new = [
+        NewTopic(
+            getattr(cfg.topics, name),
+            num_partitions=getattr(cfg.partitions, name),
+            replication_factor=cfg.replication_factor,
+            config=topic_properties(cfg, name),
+        )
+        for name in TOPIC_NAMES
+        if getattr(cfg.topics, name) not in existing
+    ]
+    created = []
+    for topic, future in admin.create_topics(new, request_timeout=timeout).items() if new else ():
+        try:
+            future.result(timeout)
+            created.append(topic)
+        except KafkaException as exc:
+            if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":  # another role raced us to it
+                raise
+    if created:
+        log.info("created topics %s", ", ".join(created))
+    return created
+
+
+def partitions_of(client: Consumer | AdminClient, topic: str, timeout: float = 10.0) -> list[int]:
+    meta = client.list_topics(topic, timeout=timeout).topics.get(topic)
+    if meta is None or meta.error is not None or not meta.partitions:
+        raise KafkaException(meta.error if meta is not None else f"topic {topic} not found")
+    return sorted(meta.partitions)
+
+
+def assign_all(consumer: Consumer, topic: str, offset: int) -> list[TopicPartition]:
+    parts = [TopicPartition(topic, p, offset) for p in partitions_of(consumer, topic)]
+    consumer.assign(parts)
+    return parts
+
+
+@contextlib.contextmanager
+def connect(cfg: PipelineConfig, log_dir: Path | None = None) -> Iterator[PipelineConfig]:
+    """``cfg`` as it is when Kafka is configured; otherwise with an embedded broker for the block."""
+    if cfg.bootstrap_servers:
+        yield cfg
+        return
+    log_path = None if log_dir is None else log_dir / "tansu.log"
+    with EmbeddedBroker(log_path=log_path) as bootstrap:
+        log.info("no Kafka configured: started the embedded broker on %s", bootstrap)
+        yield cfg.with_bootstrap(bootstrap)

@@ -1,0 +1,150 @@
+"""Model updates on the models topic: publishing a version in parts, and following the newest one."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from confluent_kafka import Message
+
+from consumers.runtime import Runtime, TopicReader
+from fpocmh_core import schemas
+from fpocmh_core.learners.base import model_from_state
+from fpocmh_core.nets import HashModel
+from fpocmh_core.state import ModelState, StateError
+
+log = logging.getLogger(__name__)
+
+# Room for the part header, the key, the record headers and the record-batch framing.
+PART_OVERHEAD_BYTES = 16384
+
+
+def publish_model(rt: Runtime, state: ModelState, body: bytes | None = None) -> int:
+    """Produce ``state`` to the models topic in parts (not flushed); returns the serialized size."""
+    body = state.to_bytes() if body is None else body
+    max_part = rt.cfg.message_max_bytes - PART_OVERHEAD_BYTES
+    for part in schemas.split_model_update(body, state.version, state.parent_version, max_part):
+        rt.produce(
+            rt.cfg.topics.models,
+            schemas.encode_model_part(part),
+            key=schemas.model_part_key(part),
+            headers=schemas.model_part_headers(part),
+        )
+    return len(body)
+
+
+def _decode_part(msg: Message) -> schemas.ModelPart:
+    return schemas.decode_model_part(msg.value(), msg.headers())
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """A verified model update, with its hash model rebuilt and ready to encode."""
+
+    state: ModelState
+    model: HashModel
+    published_at: float  # Unix time of the update's last part
+
+    @property
+    def version(self) -> int:
+        return self.state.version
+
+
+class ModelFollower:
+    """Follows the models topic on a background thread and keeps the newest version ready.
+
+    The thread reads the topic from the start, reassembles and verifies every newer version and
+    rebuilds its hash model; the role takes the newest one between batches (:meth:`take`). So a new
+    version takes effect at a batch boundary, every output records the version that produced it, and
+    the poll loop never waits while a large update is checked and parsed.
+    """
+
+    def __init__(self, rt: Runtime, fetch_wait_max_ms: int = 50) -> None:
+        self.rt = rt
+        self.reader = TopicReader(rt, rt.cfg.topics.models, _decode_part, fetch_wait_max_ms)
+        self.assembler = schemas.ModelUpdateAssembler()
+        self.error: BaseException | None = None
+        self._ready: ModelVersion | None = None
+        self._lock = threading.Lock()
+        self._caught_up = threading.Event()
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name=f"fpocmh-{rt.role}-models", daemon=True)
+        self._thread.start()
+
+    def _follow(self) -> None:
+        try:
+            while not self._closing.is_set():
+                ready = self._read(0.2)
+                if ready is not None:
+                    with self._lock:
+                        self._ready = ready
+                if not self._caught_up.is_set() and self.reader.caught_up():
+                    self._caught_up.set()
+        except BaseException as exc:  # surfaced on the role's thread by ``take``
+            self.error = exc
+            log.exception("%s: following %s failed", self.rt.role, self.rt.cfg.topics.models)
+
+    def _read(self, timeout_s: float) -> ModelVersion | None:
+        """The newest version completed by the parts that arrived, or None."""
+        newest: tuple[schemas.ModelUpdate, Message] | None = None
+        while True:
+            batch = self.reader.poll(16, timeout_s)
+            if not batch:
+                break
+            timeout_s = 0.0
+            for item in batch:
+                try:
+                    update = self.assembler.add(item.value)
+                except schemas.SchemaError as exc:
+                    self.rt.dead_letter(item.msg, exc.reason, exc.detail)
+                    continue
+                if update is not None:
+                    newest = (update, item.msg)
+        if newest is None:
+            return None
+        update, msg = newest
+        try:
+            state = ModelState.from_bytes(update.body, checksum=update.sha256)
+            model = model_from_state(state)
+        except (StateError, KeyError, RuntimeError) as exc:  # unreadable state, or tensors not matching arch
+            self.rt.dead_letter(msg, "decode", f"model version {update.version}: {exc}")
+            return None
+        model.eval()
+        return ModelVersion(state, model, msg.timestamp()[1] / 1000.0)
+
+    def take(self) -> ModelVersion | None:
+        """The newest version not taken yet, or None; never waits."""
+        if self.error is not None:
+            raise RuntimeError("following the models topic failed") from self.error
+        with self._lock:
+            ready, self._ready = self._ready, None
+        if ready is not None:
+            m = self.rt.metrics
+            m.model_version.labels(self.rt.role).set(ready.version)
+            m.model_updates.labels(self.rt.role).inc()
+            m.model_published.labels(self.rt.role).set(ready.published_at)
+            parent = ready.state.parent_version
+            log.info("%s: model version %d (parent %s) applied", self.rt.role, ready.version, parent)
+        return ready
+
+    def wait_first(self, stop: threading.Event, timeout_s: float | None = None) -> ModelVersion | None:
+        """Block until the topic has been read to its end and holds a version (None if ``stop`` is set
+        or the timeout passes first): a restarted role starts with the newest version at once."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        waited_since = time.monotonic()
+        while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+            if self._caught_up.wait(0.2) and self._ready is not None:
+                return self.take()
+            if self.error is not None:
+                return self.take()
+            if time.monotonic() - waited_since > 30:
+                log.info("%s: still waiting for a first model on %s", self.rt.role, self.rt.cfg.topics.models)
+                waited_since = time.monotonic()
+        return None
+
+    def close(self) -> None:
+        self._closing.set()
+        self._thread.join(10)
+        self.reader.close()

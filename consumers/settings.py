@@ -1,0 +1,201 @@
+"""The pipeline's configuration: one frozen tree built from ``config/pipeline.yaml``.
+
+Kafka client properties get their own override path, because their names contain dots and any
+librdkafka property must be accepted: ``--set kafka.<property>=value``, ``FPOCMH_KAFKA_<PROPERTY>``
+environment variables (dots written as underscores) and ``--bootstrap``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fpocmh_core import config
+
+KAFKA_ENV_PREFIX = "FPOCMH_KAFKA_"
+# Set by the roles themselves: their commit logic depends on them.
+OWNED_PROPERTIES = ("group.id", "enable.auto.commit", "enable.auto.offset.store")
+
+
+@dataclass(frozen=True)
+class Topics:
+    arrivals: str
+    codes: str
+    models: str
+    queries: str
+    results: str
+    dead_letters: str
+
+
+@dataclass(frozen=True)
+class Partitions:
+    arrivals: int
+    codes: int
+    models: int
+    queries: int
+    results: int
+    dead_letters: int
+
+
+@dataclass(frozen=True)
+class TopicConfig:
+    arrivals: Mapping[str, Any]
+    codes: Mapping[str, Any]
+    models: Mapping[str, Any]
+    queries: Mapping[str, Any]
+    results: Mapping[str, Any]
+    dead_letters: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    group: str
+    batch_size: int
+    poll_timeout_s: float
+    fetch_wait_max_ms: int
+    threads: int
+    metrics_port: int
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    group: str
+    batch_size: int
+    poll_timeout_s: float
+    fetch_wait_max_ms: int
+    publish_every_items: int
+    publish_every_s: float
+    checkpoint_dir: str
+    keep_checkpoints: int
+    init: str
+    bootstrap_overrides: Mapping[str, Any]
+    threads: int
+    metrics_port: int
+
+
+@dataclass(frozen=True)
+class QueryConfig:
+    group: str
+    batch_size: int
+    poll_timeout_s: float
+    fetch_wait_max_ms: int
+    codes_batch_size: int
+    max_request_age_s: float
+    client_timeout_s: float
+    threads: int
+    metrics_port: int
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    rate: float
+    linger_ms: int
+    offline: bool
+    score_batch: int
+    score_topk: int
+    metrics_port: int
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    work_dir: str
+    catchup_timeout_s: float
+    latency_probes: int
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    method: str
+    bits: int
+    kafka: Mapping[str, Any]
+    topics: Topics
+    partitions: Partitions
+    topic_config: TopicConfig
+    replication_factor: int
+    session_timeout_ms: int
+    heartbeat_interval_ms: int
+    max_poll_interval_ms: int
+    linger_ms: int
+    message_max_bytes: int
+    flush_timeout_s: float
+    encoder: EncoderConfig
+    learner: LearnerConfig
+    query: QueryConfig
+    replay: ReplayConfig
+    run: RunConfig
+
+    def __post_init__(self) -> None:
+        if self.bits % 8 or self.bits <= 0:
+            raise config.ConfigError(f"pipeline: bits must be a positive multiple of 8, got {self.bits}")
+        if self.session_timeout_ms < 3 * self.heartbeat_interval_ms:
+            raise config.ConfigError("pipeline: session_timeout_ms must be at least 3 x heartbeat_interval_ms")
+        if self.max_poll_interval_ms < self.session_timeout_ms:
+            raise config.ConfigError("pipeline: max_poll_interval_ms must be >= session_timeout_ms")
+        if self.message_max_bytes < 65536:
+            raise config.ConfigError(f"pipeline: message_max_bytes {self.message_max_bytes} is below 64 KiB")
+        if self.replay.rate < 0:
+            raise config.ConfigError(f"pipeline: replay.rate must be >= 0, got {self.replay.rate}")
+        for name in ("encoder", "learner", "query"):
+            if getattr(self, name).batch_size < 1:
+                raise config.ConfigError(f"pipeline: {name}.batch_size must be >= 1")
+        owned = sorted(set(self.kafka) & set(OWNED_PROPERTIES))
+        if owned:
+            raise config.ConfigError(f"pipeline: kafka: {owned} are set by the roles and can't be overridden")
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """Empty when no Kafka is configured: the commands then start the embedded broker."""
+        return str(self.kafka.get("bootstrap.servers", ""))
+
+    def with_bootstrap(self, servers: str) -> PipelineConfig:
+        return dataclasses.replace(self, kafka=types.MappingProxyType({**self.kafka, "bootstrap.servers": servers}))
+
+
+def kafka_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``FPOCMH_KAFKA_SASL_MECHANISMS=PLAIN`` -> ``{"sasl.mechanisms": "PLAIN"}``."""
+    environ = os.environ if environ is None else environ
+    return {
+        key[len(KAFKA_ENV_PREFIX) :].lower().replace("_", "."): value
+        for key, value in environ.items()
+        if key.startswith(KAFKA_ENV_PREFIX)
+    }
+
+
+def _property_value(value: Any) -> str:
+    # librdkafka takes strings; YAML turned "true" and "5" into a bool and an int.
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def load(
+    path: str | Path | None = None,
+    sets: Sequence[str] = (),
+    bootstrap: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> PipelineConfig:
+    """``config/pipeline.yaml``, then ``path``, environment, ``--set`` pairs and ``--bootstrap``."""
+    overrides = config.parse_overrides(list(sets))
+    kafka_sets = {k[len("kafka.") :]: v for k, v in overrides.items() if k.startswith("kafka.")}
+    rest = {k: v for k, v in overrides.items() if not k.startswith("kafka.")}
+    cfg = config.load(PipelineConfig, "pipeline", path, rest)
+    props = {**cfg.kafka, **kafka_env(environ), **kafka_sets}
+    if bootstrap:
+        props["bootstrap.servers"] = bootstrap
+    props = {key: _property_value(value) for key, value in props.items()}
+    return dataclasses.replace(cfg, kafka=types.MappingProxyType(props))
+
+
+def dump(cfg: PipelineConfig, path: str | Path) -> Path:
+    """Write the effective config as YAML: child processes load it with ``--config`` and get the same tree."""
+    import yaml
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.to_dict(cfg), sort_keys=False))
+    return path

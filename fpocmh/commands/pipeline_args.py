@@ -1,0 +1,58 @@
+"""Arguments every pipeline command shares: ``--config``, repeated ``--set`` and ``--bootstrap``."""
+
+from __future__ import annotations
+
+import argparse
+import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from consumers.metrics import Metrics
+    from consumers.settings import PipelineConfig
+
+
+def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="PATH", help="deployment YAML on top of config/pipeline.yaml")
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="override a config key (encoder.batch_size=512), or a Kafka client property "
+        "(kafka.security.protocol=SASL_SSL); env: FPOCMH_PIPELINE__<KEY>, FPOCMH_KAFKA_<PROPERTY>",
+    )
+    parser.add_argument(
+        "--bootstrap",
+        metavar="HOST:PORT",
+        help="Kafka bootstrap servers (default: kafka.bootstrap.servers, env FPOCMH_KAFKA_BOOTSTRAP_SERVERS)",
+    )
+
+
+def load_config(args: argparse.Namespace, *extra_sets: str) -> PipelineConfig:
+    from consumers import settings
+
+    return settings.load(args.config, [*args.sets, *extra_sets], args.bootstrap)
+
+
+def require_broker(cfg: PipelineConfig, command: str) -> None:
+    """A role alone can't use a private embedded broker: nobody else could reach it."""
+    if not cfg.bootstrap_servers:
+        raise ValueError(
+            f"{command} needs a broker: pass --bootstrap HOST:PORT or set kafka.bootstrap.servers "
+            "(start a local one with `fpocmh broker`, or run everything with `fpocmh run`)"
+        )
+
+
+def role_setup(cfg: PipelineConfig, port: int) -> tuple[Metrics, threading.Event]:
+    """Metrics (served on ``port`` unless 0), the pipeline's topics, and a stop flag set by SIGTERM/Ctrl-C."""
+    from consumers.kafka import ensure_topics
+    from consumers.metrics import Metrics
+    from consumers.runtime import install_signal_handlers
+
+    metrics = Metrics()
+    metrics.serve(port)
+    ensure_topics(cfg)
+    stop = threading.Event()
+    install_signal_handlers(stop)
+    return metrics, stop

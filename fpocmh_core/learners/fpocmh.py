@@ -1,0 +1,361 @@
+"""FPO-CMH: fast partial-modal online cross-modal hashing (methods.md PART A).
+
+Per arrival, in arrival order (A4.4): the item's categories, weight and target distributions are read
+from the anchor bank as it stands, the streaming partial-modal loss (intra- and cross-modal anchor
+terms) accumulates gradient in the item's own network, then the item is folded into the bank. Each
+modality's optimiser steps once its own window of ``mu`` items is full, after adding the initial-anchor
+rehearsal loss. Images and texts therefore step at different times (asynchronous optimisation).
+
+Vectorised over micro-batches: a network changes only when its own window is full, so the items of a
+modality's window go through that network in one forward/backward pass (with the rehearsal anchors of
+its step), and the eval-mode codes the bank averages are computed once per stretch between two steps.
+Only the bank recursion (an item's categories and targets depend on the bank after the previous item)
+runs item by item, on K-row arrays. The result equals feeding the items one at a time (``learn`` on
+single-item batches), up to floating point.
+
+Deviations from the official code (A7), deliberate:
+- the anchor codes in both loss terms are read from the bank's code tier (the running mean of the
+  stored codes of each category), not recomputed as f(A) from tier 1 with gradient. So an item's loss
+  sends gradient only into its own network, and its targets live in the code space of the stored
+  database codes, which is what keeps new codes compatible with old ones;
+- tier-2 prototypes average the items' eval-mode codes (what the encoder stores), not a dropout sample;
+- running-mean bank updates instead of the 1/2 moving average, and row 0 is updated (see bank.py);
+- rehearsal targets sign(f0(A0)) are computed in eval mode, and the rehearsal loss is weighted by gamma;
+- separate feature spaces: targets from the item's category distribution (config/fpocmh.yaml), and
+  a similarity scale re-chosen for those spaces (30; the paper's 100 is CLIP's);
+- ``logit_scale`` multiplies the hash-side cosines (1 = the paper, the default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fpocmh_core import codes, config
+from fpocmh_core.bank import MODALITIES, AnchorBank, cosine, softmax
+from fpocmh_core.data import CrossModalDataset
+from fpocmh_core.learners import common
+from fpocmh_core.learners.base import LearnReport, OnlineLearner
+from fpocmh_core.nets import HashModel
+from fpocmh_core.records import ItemRecord, Modality
+from fpocmh_core.state import ModelState
+
+SPACES = ("auto", "separate", "joint")
+# Logit for bank rows that did not exist yet when an item arrived (promoted later in its segment).
+_ABSENT = -1e9
+
+
+@dataclass(frozen=True)
+class FpocmhConfig:
+    seed: int
+    bits: int
+    feature_space: str
+    category_embeddings: str | None
+    use_labels: bool
+    theta: float
+    similarity_scale: float
+    logit_scale: float
+    mu: int
+    alpha: float
+    beta: float
+    gamma: float
+    phi: float
+    is_accessible_bank_count: int
+    optimizer: common.OptimizerConfig
+    offline: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        if self.feature_space not in SPACES:
+            raise config.ConfigError(f"fpocmh: feature_space must be one of {SPACES}, got {self.feature_space!r}")
+        if self.mu < 1 or self.is_accessible_bank_count < 1:
+            raise config.ConfigError("fpocmh: mu and is_accessible_bank_count must be >= 1")
+
+
+def load_config(path: Path | str | None = None, overrides: Mapping[str, Any] | None = None) -> FpocmhConfig:
+    return config.load(FpocmhConfig, "fpocmh", path, overrides)
+
+
+def load_vocabulary(path: str | Path) -> np.ndarray:
+    """Category embeddings E (V x d) for zero-shot labelling in a joint space."""
+    arr = np.load(path, allow_pickle=False)
+    if isinstance(arr, np.lib.npyio.NpzFile):
+        with arr:
+            if "embeddings" not in arr.files:
+                raise ValueError(f"{path}: expected key 'embeddings'; the file has {arr.files}")
+            arr = arr["embeddings"]
+    if arr.ndim != 2:
+        raise ValueError(f"{path}: category embeddings must be 2-D (categories x dims), got {arr.shape}")
+    return np.asarray(arr, dtype=np.float32)
+
+
+@dataclass
+class _Targets:
+    """What the bank said about one arrival, before the arrival was folded in (and its feature)."""
+
+    x: np.ndarray
+    q_intra: np.ndarray
+    q_inter: np.ndarray
+    weight: float
+    own_codes: np.ndarray
+    other_codes: np.ndarray
+
+
+class FpocmhLearner(OnlineLearner):
+    method = "fpocmh"
+
+    def __init__(
+        self,
+        model: HashModel,
+        bank: AnchorBank,
+        cfg: FpocmhConfig,
+        space: str,
+        vocabulary: np.ndarray | None = None,
+    ) -> None:
+        super().__init__(model)
+        if space not in ("separate", "joint"):
+            raise ValueError(f"space must be 'separate' or 'joint', got {space!r}")
+        if vocabulary is not None and space != "joint":
+            raise ValueError("zero-shot category embeddings need joint-space features")
+        self.cfg, self.space, self.bank, self.vocabulary = cfg, space, bank, vocabulary
+        self.model.eval()
+        self.model.zero_grad(set_to_none=True)  # whatever offline training left behind is not online gradient
+        lrs = {Modality.IMAGE: cfg.optimizer.lr_image, Modality.TEXT: cfg.optimizer.lr_text}
+        self.optimizers = {m: cfg.optimizer.make(list(model.net(m).parameters()), lrs[m]) for m in MODALITIES}
+        self.window = {m: 0 for m in MODALITIES}
+        self.steps = {m: 0 for m in MODALITIES}
+        self.rng_state = common.seeded_rng_state(cfg.seed)
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_offline(
+        cls,
+        model: HashModel,
+        ds: CrossModalDataset,
+        rows: np.ndarray,
+        cfg: FpocmhConfig,
+    ) -> FpocmhLearner:
+        """Build the bank from the offline rows with the offline ``model`` (which the learner takes over)."""
+        space = ds.feature_space if cfg.feature_space == "auto" else cfg.feature_space
+        vocab = load_vocabulary(cfg.category_embeddings) if cfg.category_embeddings else None
+        if vocab is not None and space != "joint":
+            raise config.ConfigError("fpocmh: category_embeddings need feature_space joint")
+        feats = {Modality.IMAGE: ds.image[rows], Modality.TEXT: ds.text[rows]}
+        relaxed = {m: model.relaxed(feats[m], m) for m in MODALITIES}
+        if vocab is None:
+            members = {m: ds.labels[rows] for m in MODALITIES}
+        else:
+            members = {m: zero_shot(feats[m], vocab, cfg.similarity_scale, cfg.theta) for m in MODALITIES}
+        bank = AnchorBank.build(feats, relaxed, members, cfg.is_accessible_bank_count)
+        # Eval mode: the targets are the codes the offline model actually gave, without dropout noise.
+        bank.set_rehearsal_targets(
+            {m: codes.sign_codes(model.relaxed(bank.initial_feat[m], m)).astype(np.float32) for m in MODALITIES}
+        )
+        return cls(model, bank, cfg, space, vocab)
+
+    @classmethod
+    def bootstrap(
+        cls,
+        ds: CrossModalDataset,
+        rows: np.ndarray,
+        bits: int,
+        overrides: dict | None = None,
+        progress: bool = True,
+    ) -> FpocmhLearner:
+        cfg = load_config(overrides=overrides)
+        return cls.from_offline(common.train_backbone(ds, rows, bits, cfg.offline, progress, cfg.seed), ds, rows, cfg)
+
+    # ----------------------------------------------------------------- learning
+    def learn(self, batch: Sequence[ItemRecord]) -> LearnReport:
+        items = [rec for rec in batch if rec.chunk != -1]
+        report = LearnReport(items=len(items))
+        totals = {"intra": 0.0, "inter": 0.0, "weight": 0.0, "rehearsal": 0.0, "views": 0.0, "weighted": 0.0}
+        pending: dict[Modality, list[_Targets]] = {m: [] for m in MODALITIES}
+        with common.private_rng(self):
+            start = 0
+            for end, stepping in self._step_points(items):
+                self._observe(items[start:end], pending, totals)
+                for m in stepping:
+                    totals["rehearsal"] += self._backward(m, pending[m], totals, step=True)
+                    report.steps[m.short] += 1
+                start = end
+            self._observe(items[start:], pending, totals)
+            for m in MODALITIES:
+                self._backward(m, pending[m], totals, step=False)
+        report.losses = {
+            "intra": totals["intra"] / max(totals["weighted"], 1.0),
+            "inter": totals["inter"] / max(totals["weighted"], 1.0),
+            "weight": totals["weight"] / max(totals["views"], 1.0),
+            "rehearsal": totals["rehearsal"] / max(sum(report.steps.values()), 1),
+        }
+        report.bank_rows = len(self.bank)
+        return report
+
+    def _step_points(self, items: list[ItemRecord]) -> list[tuple[int, tuple[Modality, ...]]]:
+        """(index after the item, modalities) for every arrival that fills a modality's window."""
+        fill = dict(self.window)
+        out = []
+        for i, rec in enumerate(items):
+            full = []
+            for m in rec.modalities:
+                fill[m] += 1
+                if fill[m] == self.cfg.mu:
+                    fill[m] = 0
+                    full.append(m)
+            if full:
+                out.append((i + 1, tuple(full)))
+        return out
+
+    def _observe(
+        self, segment: list[ItemRecord], pending: dict[Modality, list[_Targets]], totals: dict[str, float]
+    ) -> None:
+        """Targets of each arrival in order, then the arrival folded into the bank (no optimiser step inside)."""
+        views = [(rec, m) for rec in segment for m in rec.modalities]
+        mods = [m for m in MODALITIES if any(v is m for _, v in views)]
+        feats = {m: np.stack([r.features(m) for r, v in views if v is m]).astype(np.float32) for m in mods}
+        stored = {m: self.model.relaxed(x, m) for m, x in feats.items()}
+        zs = {m: zero_shot(x, self.vocabulary, self.cfg.similarity_scale, self.cfg.theta) for m, x in feats.items()}
+        seen = {m: 0 for m in MODALITIES}
+        for rec, m in views:
+            i = seen[m]
+            seen[m] += 1
+            x = feats[m][i]
+            cats = [int(c) for c in np.flatnonzero(zs[m][i])] if self.vocabulary is not None else None
+            cats, tgt = self._targets(rec, m, x, cats)
+            if tgt.weight > 0:  # a weight-0 item adds nothing to the loss or its gradient
+                pending[m].append(tgt)
+            self.bank.observe(m, x, stored[m][i], cats)
+            self.window[m] += 1
+            totals["weight"] += tgt.weight
+            totals["views"] += 1
+
+    def _targets(
+        self, rec: ItemRecord, m: Modality, x: np.ndarray, cats: list[int] | None
+    ) -> tuple[list[int], _Targets]:
+        """The arrival's categories and its loss targets, from the bank before the arrival is folded in."""
+        bank, cfg = self.bank, self.cfg
+        if cats is None and cfg.use_labels and rec.labels is not None:
+            cats = [int(c) for c in np.flatnonzero(rec.labels)]
+        rows = [bank.row_of[c] for c in cats or () if c in bank.row_of]
+        if self.space == "separate" and rows:
+            q_intra = np.zeros(len(bank), np.float32)
+            q_intra[rows] = 1.0 / len(rows)
+        else:
+            q_intra = softmax(cfg.similarity_scale * bank.similarity(x, m))
+        if self.space == "joint":
+            q_inter = softmax(cfg.similarity_scale * cosine(x, bank.feat[m.other]))
+        else:
+            q_inter = q_intra
+        if cats is None:
+            cats = [bank.categories[r] for r in np.flatnonzero(q_intra > cfg.theta)]
+        if not cats:
+            weight = 0.0
+        elif any(c in bank.row_of for c in cats):
+            weight = 1.0
+        else:
+            weight = 1.0 - cfg.phi
+        return cats, _Targets(x, q_intra, q_inter, weight, bank.code[m].copy(), bank.code[m.other].copy())
+
+    def _backward(self, m: Modality, tgts: list[_Targets], totals: dict[str, float], step: bool) -> float:
+        """Gradient of the pending items' streaming loss (eq. 1) into network ``m``; on a step, plus rehearsal.
+
+        Returns the rehearsal loss (0 without a step). Pending items are consumed.
+        """
+        if not tgts and not step:
+            return 0.0
+        net = self.model.net(m)
+        inputs = [t.x for t in tgts] + (list(self.bank.initial_feat[m]) if step else [])
+        net.train()
+        out = net(torch.from_numpy(np.stack(inputs)))
+        net.eval()
+        loss = torch.zeros(())
+        if tgts:
+            loss = loss + self._stream_loss(out[: len(tgts)], tgts, totals)
+        rehearsal = torch.zeros(())
+        if step:
+            targets = torch.from_numpy(self.bank.rehearsal_targets[m])
+            rehearsal = self.cfg.gamma * ((out[len(tgts) :] - targets) ** 2).mean()
+            loss = loss + rehearsal
+        loss.backward()
+        tgts.clear()
+        if step:
+            self.optimizers[m].step()
+            self.optimizers[m].zero_grad(set_to_none=True)
+            self.window[m] = 0
+            self.steps[m] += 1
+        return float(rehearsal.detach())
+
+    def _stream_loss(self, out: torch.Tensor, tgts: list[_Targets], totals: dict[str, float]) -> torch.Tensor:
+        """Sum over items of w * (alpha * L_intra + beta * L_inter) / mu, against code-tier snapshots."""
+        k = len(self.bank)
+        present = torch.zeros(len(tgts), k, dtype=torch.bool)
+        for i, t in enumerate(tgts):
+            present[i, : len(t.q_intra)] = True
+
+        def stack(name: str, width: int | None = None) -> torch.Tensor:
+            shape = (k,) if width is None else (k, width)
+            arr = np.zeros((len(tgts), *shape), np.float32)
+            for i, t in enumerate(tgts):
+                row = getattr(t, name)
+                arr[i, : len(row)] = row
+            return torch.from_numpy(arr)
+
+        h = F.normalize(out, dim=1)
+
+        def ce(q: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+            z = self.cfg.logit_scale * torch.einsum("nc,nkc->nk", h, F.normalize(anchors, dim=2))
+            logp = F.log_softmax(z.masked_fill(~present, _ABSENT), dim=1)
+            return -(q * logp).sum(dim=1)
+
+        intra = ce(stack("q_intra"), stack("own_codes", self.bits))
+        inter = ce(stack("q_inter"), stack("other_codes", self.bits))
+        weight = torch.tensor([t.weight for t in tgts])
+        totals["intra"] += float(intra.detach().sum())
+        totals["inter"] += float(inter.detach().sum())
+        totals["weighted"] += len(tgts)
+        return (weight * (self.cfg.alpha * intra + self.cfg.beta * inter)).sum() / self.cfg.mu
+
+    # ----------------------------------------------------------------- state
+    def export_state(self) -> ModelState:
+        tensors = {**self.model.tensors("model"), **self.bank.tensors("bank"), "rng": self.rng_state.numpy().copy()}
+        for m in MODALITIES:
+            tensors.update(common.optimizer_tensors(self.optimizers[m], f"optim.{m.short}"))
+            tensors.update(common.grad_tensors(self.model.net(m), f"grad.{m.short}"))
+        if self.vocabulary is not None:
+            tensors["vocabulary"] = self.vocabulary
+        meta = {
+            "arch": self.model.arch(),
+            "config": config.to_dict(self.cfg),
+            "feature_space": self.space,
+            "window": {m.short: self.window[m] for m in MODALITIES},
+            "steps": {m.short: self.steps[m] for m in MODALITIES},
+        }
+        return ModelState(self.method, self.version, self.parent_version, tensors, meta)
+
+    @classmethod
+    def from_state(cls, state: ModelState) -> FpocmhLearner:
+        cfg = config.build(FpocmhConfig, state.meta["config"], "fpocmh state")
+        model = HashModel.from_tensors(state.meta["arch"], state.subset("model"))
+        bank = AnchorBank.from_tensors(state.subset("bank"), cfg.is_accessible_bank_count)
+        vocab = np.array(state.tensors["vocabulary"]) if "vocabulary" in state.tensors else None
+        learner = cls(model, bank, cfg, state.meta["feature_space"], vocab)
+        for m in MODALITIES:
+            common.load_optimizer_tensors(learner.optimizers[m], state.subset(f"optim.{m.short}"))
+            common.load_grad_tensors(model.net(m), state.subset(f"grad.{m.short}"))
+            learner.window[m] = int(state.meta["window"][m.short])
+            learner.steps[m] = int(state.meta["steps"][m.short])
+        learner.rng_state = torch.from_numpy(np.array(state.tensors["rng"]))
+        learner.version, learner.parent_version = state.version, state.parent_version
+        return learner
+
+
+def zero_shot(x: np.ndarray, vocabulary: np.ndarray | None, scale: float, theta: float) -> np.ndarray | None:
+    """Paper A4.2: categories {k : softmax(scale * cos(x, E))_k > theta}, as an (items x V) bool matrix."""
+    if vocabulary is None:
+        return None
+    return softmax(scale * cosine(x, vocabulary)) > theta

@@ -1,0 +1,572 @@
+"""Wire formats of the pipeline's topics, free of Kafka: every message type's encode and decode.
+
+Every message carries two headers: ``schema`` (the type's name) and ``v`` (its version). Bodies are
+compact binary: little-endian ``struct`` fields, then raw little-endian arrays, each preceded by a
+dtype code and its shape. Nothing is ever pickled, so a reader can't be made to run code. Readers keep
+a decoder for every version ever written (``_DECODERS``), so old messages stay readable on replay.
+
+Codes-topic key: one code per (item, modality), key ``"<item_id>:<img|txt>"``. A partial-modal
+stream delivers an item's image and its text at unrelated times, each coded on arrival; with the key
+``"<item_id>"`` alone, compaction would keep only whichever half came last.
+
+Model updates: the body of :meth:`ModelState.to_bytes` split into parts that fit under the message
+size limit. Each part names the version, its parent, its index and count, the total size and the
+SHA-256 of the whole body; :class:`ModelUpdateAssembler` hands out a version only when every part has
+arrived and the checksum matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fpocmh_core.records import ItemRecord, Modality
+
+SCHEMA_HEADER = "schema"
+VERSION_HEADER = "v"
+MODEL_VERSION_HEADER = "model_version"
+
+ARRIVAL = "fpocmh.arrival"
+CODE = "fpocmh.code"
+MODEL_PART = "fpocmh.model_part"
+QUERY = "fpocmh.query"
+RESULT = "fpocmh.result"
+
+# Dead-letter headers: why the message was rejected and where it came from. The value and the
+# original headers are kept as they were, so the message can be inspected or replayed.
+DLQ_REASON = "dlq.reason"
+DLQ_DETAIL = "dlq.detail"
+DLQ_ROLE = "dlq.role"
+DLQ_TOPIC = "dlq.topic"
+DLQ_PARTITION = "dlq.partition"
+DLQ_OFFSET = "dlq.offset"
+
+Headers = Sequence[tuple[str, bytes | str | None]]
+
+
+class SchemaError(ValueError):
+    """A message that can't be read. ``reason`` is one of schema, decode, shape (the DLQ reasons)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+# --------------------------------------------------------------------------------------------- headers
+
+
+def schema_headers(name: str, version: int, **extra: str | int) -> list[tuple[str, bytes]]:
+    headers = [(SCHEMA_HEADER, name.encode()), (VERSION_HEADER, str(version).encode())]
+    headers += [(key, str(value).encode()) for key, value in extra.items()]
+    return headers
+
+
+def header(headers: Headers | None, name: str) -> bytes | None:
+    """The last value of header ``name`` (Kafka headers may repeat), or None."""
+    found = None
+    for key, value in headers or ():
+        if key == name:
+            found = value.encode() if isinstance(value, str) else value
+    return found
+
+
+def schema_version(headers: Headers | None, expected: str) -> int:
+    """The message's schema version, checked against ``expected`` and the versions this reader knows."""
+    name = header(headers, SCHEMA_HEADER)
+    if name is None:
+        raise SchemaError("schema", f"no {SCHEMA_HEADER!r} header; expected {expected}")
+    if name.decode(errors="replace") != expected:
+        raise SchemaError("schema", f"schema {name.decode(errors='replace')!r}, expected {expected!r}")
+    raw = header(headers, VERSION_HEADER)
+    try:
+        version = int(raw) if raw is not None else -1
+    except ValueError:
+        version = -1
+    if version not in _DECODERS[expected]:
+        raise SchemaError("schema", f"{expected} version {raw!r} not readable; known: {sorted(_DECODERS[expected])}")
+    return version
+
+
+# ---------------------------------------------------------------------------------------------- arrays
+
+_BITS = 255  # dtype code of a 0/1 array sent as packed bits (a bag of words costs bits/8 bytes)
+_DTYPES: dict[int, np.dtype] = {
+    0: np.dtype("<f4"),
+    1: np.dtype("<f2"),
+    2: np.dtype("u1"),
+    3: np.dtype("<i4"),
+    4: np.dtype("<i8"),
+    5: np.dtype("<u2"),
+    6: np.dtype("<f8"),
+    7: np.dtype("<u4"),
+}
+_CODES = {dt: code for code, dt in _DTYPES.items()}
+_ARRAY_HEAD = struct.Struct("<BB")
+_DIMS: dict[int, struct.Struct] = {}
+
+
+def wire_dtype(values: np.ndarray) -> int:
+    """The most compact lossless dtype code for all of ``values``: bits, uint8, float16 or the native one.
+
+    Call it once per dataset and modality, not per message.
+    """
+    values = np.asarray(values)
+    if values.size and np.isin(values, (0, 1)).all():
+        return _BITS
+    if values.size and np.array_equal(values, values.astype(np.uint8)):
+        return _CODES[np.dtype("u1")]
+    if values.dtype.kind == "f" and np.array_equal(values, values.astype(np.float16)):
+        return _CODES[np.dtype("<f2")]
+    return dtype_code(values.dtype)
+
+
+def dtype_code(dtype: np.dtype | type) -> int:
+    dt = np.dtype(dtype).newbyteorder("<") if np.dtype(dtype).itemsize > 1 else np.dtype(dtype)
+    if dt not in _CODES:
+        raise ValueError(f"dtype {dt} has no wire code; known: {[str(d) for d in _DTYPES.values()]}")
+    return _CODES[dt]
+
+
+def _dims(ndim: int) -> struct.Struct:
+    if ndim not in _DIMS:
+        _DIMS[ndim] = struct.Struct(f"<{ndim}I")
+    return _DIMS[ndim]
+
+
+def encode_array(values: np.ndarray, code: int | None = None) -> bytes:
+    """dtype code, ndim, shape (uint32 each), raw little-endian data."""
+    values = np.asarray(values)
+    code = dtype_code(values.dtype) if code is None else code
+    head = _ARRAY_HEAD.pack(code, values.ndim) + _dims(values.ndim).pack(*values.shape)
+    if code == _BITS:
+        return head + np.packbits(values.reshape(-1) != 0).tobytes()
+    return head + np.ascontiguousarray(values, dtype=_DTYPES[code]).tobytes()
+
+
+def decode_array(buf: bytes | memoryview, pos: int) -> tuple[np.ndarray, int]:
+    """(array, position after it); the array is a writable copy, independent of ``buf``."""
+    try:
+        code, ndim = _ARRAY_HEAD.unpack_from(buf, pos)
+        shape = _dims(ndim).unpack_from(buf, pos + _ARRAY_HEAD.size)
+    except struct.error as exc:
+        raise SchemaError("decode", f"truncated array header at byte {pos}") from exc
+    pos += _ARRAY_HEAD.size + 4 * ndim
+    count = 1
+    for dim in shape:
+        count *= dim
+    if code == _BITS:
+        nbytes = (count + 7) // 8
+    elif code in _DTYPES:
+        nbytes = count * _DTYPES[code].itemsize
+    else:
+        raise SchemaError("decode", f"unknown array dtype code {code}")
+    if pos + nbytes > len(buf):
+        raise SchemaError("decode", f"array of shape {shape} runs past the end of the message ({len(buf)} bytes)")
+    if code == _BITS:
+        values = np.unpackbits(np.frombuffer(buf, np.uint8, nbytes, pos), count=count)
+    else:
+        values = np.frombuffer(buf, _DTYPES[code], count, pos).copy()
+    return (values if ndim == 1 else values.reshape(shape)), pos + nbytes
+
+
+def _encode_str(text: str) -> bytes:
+    raw = text.encode()
+    return struct.pack("<H", len(raw)) + raw
+
+
+def _decode_str(buf: bytes, pos: int) -> tuple[str, int]:
+    try:
+        (n,) = struct.unpack_from("<H", buf, pos)
+    except struct.error as exc:
+        raise SchemaError("decode", f"truncated string at byte {pos}") from exc
+    raw = buf[pos + 2 : pos + 2 + n]
+    if len(raw) != n:
+        raise SchemaError("decode", f"string of {n} bytes runs past the end of the message")
+    return raw.decode(errors="replace"), pos + 2 + n
+
+
+def _unpack(fmt: struct.Struct, buf: bytes, what: str) -> tuple:
+    try:
+        return fmt.unpack_from(buf, 0)
+    except (struct.error, TypeError) as exc:
+        raise SchemaError("decode", f"{what}: body of {len(buf or b'')} bytes, need at least {fmt.size}") from exc
+
+
+def modality_mask(modalities: Iterable[Modality]) -> int:
+    mask = 0
+    for m in modalities:
+        mask |= 1 << m
+    return mask
+
+
+def mask_modalities(mask: int) -> tuple[Modality, ...]:
+    return _MASKS[mask & 3]
+
+
+# Lookup tables: enum construction and iteration cost microseconds on the per-message path.
+_MODALITIES = (Modality.IMAGE, Modality.TEXT)
+_MASKS = tuple(tuple(m for m in _MODALITIES if mask >> int(m) & 1) for mask in range(4))
+
+
+# -------------------------------------------------------------------------------------------- arrivals
+
+_ARRIVAL_V1 = struct.Struct("<qiB")  # item id, chunk, flags (bit 0 image, bit 1 text, bit 2 labels)
+_LABELS_FLAG = 4
+ARRIVAL_HEADERS = schema_headers(ARRIVAL, 1)
+
+
+@dataclass(frozen=True)
+class WireDtypes:
+    """Dtype codes the replayer chose once per dataset (see :func:`wire_dtype`)."""
+
+    image: int | None = None
+    text: int | None = None
+    labels: int = _BITS
+
+
+def encode_arrival(item: ItemRecord, dtypes: WireDtypes = WireDtypes()) -> tuple[bytes, list[tuple[str, bytes]]]:
+    flags = modality_mask(item.modalities) | (_LABELS_FLAG if item.labels is not None else 0)
+    parts = [_ARRIVAL_V1.pack(item.item_id, item.chunk, flags)]
+    if item.image is not None:
+        parts.append(encode_array(item.image, dtypes.image))
+    if item.text is not None:
+        parts.append(encode_array(item.text, dtypes.text))
+    if item.labels is not None:
+        parts.append(encode_array(item.labels, dtypes.labels))
+    return b"".join(parts), ARRIVAL_HEADERS
+
+
+def _decode_arrival_v1(body: bytes) -> ItemRecord:
+    item_id, chunk, flags = _unpack(_ARRIVAL_V1, body, ARRIVAL)
+    pos = _ARRIVAL_V1.size
+    arrays: list[np.ndarray | None] = []
+    for bit in (1, 2, _LABELS_FLAG):
+        if flags & bit:
+            values, pos = decode_array(body, pos)
+            if values.ndim != 1:
+                raise SchemaError("shape", f"item {item_id}: feature arrays must be 1-D, got shape {values.shape}")
+            arrays.append(values)
+        else:
+            arrays.append(None)
+    if pos != len(body):
+        raise SchemaError("decode", f"item {item_id}: {len(body) - pos} trailing bytes")
+    image, text, labels = arrays
+    if image is None and text is None:
+        raise SchemaError("shape", f"item {item_id}: an arrival needs at least one modality")
+    return ItemRecord(item_id=item_id, image=image, text=text, labels=labels, chunk=chunk)
+
+
+def decode_arrival(body: bytes | None, headers: Headers | None) -> ItemRecord:
+    return _DECODERS[ARRIVAL][schema_version(headers, ARRIVAL)](body)
+
+
+# ----------------------------------------------------------------------------------------------- codes
+
+_CODE_V1 = struct.Struct("<qBBBHq")  # item id, modality, present mask, source, bits, model version
+CODE_SOURCES = ("encoder", "learner")
+CODE_HEADERS = schema_headers(CODE, 1)
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class CodeMessage:
+    """One stored database code: what the codes topic holds under ``code_key(item_id, modality)``."""
+
+    item_id: int
+    modality: Modality
+    code: np.ndarray  # packed uint8, bits/8 bytes
+    model_version: int
+    present: tuple[Modality, ...]  # modalities the arrival carried
+    source: str = "encoder"  # "learner" when a learner (DLCH) assigned the code
+
+    @property
+    def bits(self) -> int:
+        return self.code.shape[-1] * 8
+
+    @property
+    def key(self) -> bytes:
+        return code_key(self.item_id, self.modality)
+
+
+def code_key(item_id: int, modality: Modality) -> bytes:
+    return f"{item_id}:{modality.short}".encode()
+
+
+def parse_code_key(key: bytes) -> tuple[int, Modality]:
+    try:
+        item, _, mod = key.decode().partition(":")
+        return int(item), Modality.parse(mod)
+    except (AttributeError, UnicodeDecodeError, ValueError) as exc:
+        raise SchemaError("decode", f"code key {key!r} is not '<item_id>:<img|txt>'") from exc
+
+
+def encode_code(msg: CodeMessage) -> bytes:
+    head = _CODE_V1.pack(
+        msg.item_id,
+        int(msg.modality),
+        modality_mask(msg.present),
+        CODE_SOURCES.index(msg.source),
+        msg.bits,
+        msg.model_version,
+    )
+    return head + np.ascontiguousarray(msg.code, dtype=np.uint8).tobytes()
+
+
+def _decode_code_v1(body: bytes) -> CodeMessage:
+    item_id, modality, present, source, bits, version = _unpack(_CODE_V1, body, CODE)
+    if modality > 1 or source >= len(CODE_SOURCES) or bits % 8 or bits == 0:
+        raise SchemaError("decode", f"code of item {item_id}: modality {modality}, source {source}, bits {bits}")
+    code = np.frombuffer(body, np.uint8, offset=_CODE_V1.size)
+    if code.size != bits // 8:
+        raise SchemaError("shape", f"code of item {item_id}: {code.size} bytes for {bits} bits")
+    return CodeMessage(item_id, _MODALITIES[modality], code, version, _MASKS[present & 3], CODE_SOURCES[source])
+
+
+def decode_code(body: bytes | None, headers: Headers | None) -> CodeMessage:
+    return _DECODERS[CODE][schema_version(headers, CODE)](body)
+
+
+# --------------------------------------------------------------------------------------- model updates
+
+_PART_V1 = struct.Struct("<qqIIQ32s")  # version, parent (-1: none), index, count, total size, sha256
+
+
+@dataclass(frozen=True)
+class ModelPart:
+    version: int
+    parent: int | None
+    index: int
+    count: int
+    total_size: int
+    sha256: bytes  # 32 raw bytes of the whole body's digest
+    chunk: bytes
+
+
+def split_model_update(body: bytes, version: int, parent: int | None, max_part_bytes: int) -> list[ModelPart]:
+    """Cut a serialized :class:`ModelState` into parts of at most ``max_part_bytes`` of payload."""
+    if max_part_bytes <= 0:
+        raise ValueError(f"max_part_bytes must be positive, got {max_part_bytes}")
+    digest = hashlib.sha256(body).digest()
+    chunks = [body[i : i + max_part_bytes] for i in range(0, len(body), max_part_bytes)] or [b""]
+    return [ModelPart(version, parent, i, len(chunks), len(body), digest, c) for i, c in enumerate(chunks)]
+
+
+def model_part_key(part: ModelPart) -> bytes:
+    # Keyed by part index: on a compacted topic the newest version of every part survives, and any
+    # leftover part of an older, longer update never completes a version.
+    return f"part-{part.index}".encode()
+
+
+def model_part_headers(part: ModelPart) -> list[tuple[str, bytes]]:
+    return schema_headers(MODEL_PART, 1, **{MODEL_VERSION_HEADER: part.version})
+
+
+def encode_model_part(part: ModelPart) -> bytes:
+    parent = -1 if part.parent is None else part.parent
+    return _PART_V1.pack(part.version, parent, part.index, part.count, part.total_size, part.sha256) + part.chunk
+
+
+def _decode_model_part_v1(body: bytes) -> ModelPart:
+    version, parent, index, count, total, digest = _unpack(_PART_V1, body, MODEL_PART)
+    if count == 0 or index >= count:
+        raise SchemaError("decode", f"model version {version}: part {index} of {count}")
+    chunk = bytes(body[_PART_V1.size :])
+    return ModelPart(version, None if parent < 0 else parent, index, count, total, digest, chunk)
+
+
+def decode_model_part(body: bytes | None, headers: Headers | None) -> ModelPart:
+    return _DECODERS[MODEL_PART][schema_version(headers, MODEL_PART)](body)
+
+
+@dataclass(frozen=True)
+class ModelUpdate:
+    version: int
+    parent: int | None
+    body: bytes  # a serialized ModelState whose SHA-256 has been checked
+    sha256: str
+
+
+class ModelUpdateAssembler:
+    """Collects parts (in any order, interleaved across versions) into verified model updates.
+
+    Versions at or below the newest one handed out are ignored, so replaying the topic from the start is
+    harmless. Incomplete versions older than a completed one are dropped; at most ``max_pending``
+    incomplete versions are kept (the oldest go first), so a lost part can't grow memory.
+    """
+
+    def __init__(self, applied_version: int = -1, max_pending: int = 4) -> None:
+        self.applied_version = applied_version
+        self.max_pending = max_pending
+        self._pending: dict[int, dict[int, ModelPart]] = {}
+
+    def add(self, part: ModelPart) -> ModelUpdate | None:
+        """The complete, verified update once ``part`` was its last missing piece, else None.
+
+        Raises :class:`SchemaError` when the parts disagree or the checksum does not match; the
+        version is then discarded and never applied.
+        """
+        if part.version <= self.applied_version:
+            return None
+        parts = self._pending.setdefault(part.version, {})
+        first = next(iter(parts.values()), part)
+        if (first.count, first.total_size, first.sha256, first.parent) != (
+            part.count,
+            part.total_size,
+            part.sha256,
+            part.parent,
+        ):
+            del self._pending[part.version]
+            raise SchemaError("decode", f"model version {part.version}: parts disagree on count, size or checksum")
+        parts[part.index] = part
+        self._trim()
+        if len(parts) < part.count:
+            return None
+        del self._pending[part.version]
+        body = b"".join(parts[i].chunk for i in range(part.count))
+        digest = hashlib.sha256(body).digest()
+        if len(body) != part.total_size or digest != part.sha256:
+            raise SchemaError(
+                "decode",
+                f"model version {part.version}: checksum mismatch ({len(body)} of {part.total_size} bytes, "
+                f"sha256 {digest.hex()[:12]} vs {part.sha256.hex()[:12]}); not applied",
+            )
+        self.applied_version = part.version
+        self._pending = {v: p for v, p in self._pending.items() if v > part.version}
+        return ModelUpdate(part.version, part.parent, body, digest.hex())
+
+    @property
+    def pending_versions(self) -> list[int]:
+        return sorted(self._pending)
+
+    def _trim(self) -> None:
+        while len(self._pending) > self.max_pending:
+            del self._pending[min(self._pending)]
+
+
+# ----------------------------------------------------------------------------------- queries and results
+
+_QUERY_V1 = struct.Struct("<BBIi")  # modality, target modality, k, reply partition (-1: any)
+QUERY_HEADERS = schema_headers(QUERY, 1)
+
+
+@dataclass(frozen=True, eq=False)
+class QueryRequest:
+    """Rank the stored ``target`` codes against each row of ``features`` (one query per row)."""
+
+    correlation_id: str
+    reply_topic: str
+    modality: Modality
+    features: np.ndarray  # (n, dim); n = 0 asks for the store's status only
+    k: int
+    target: Modality
+    reply_partition: int = -1
+
+
+def encode_query(req: QueryRequest, dtype: int | None = None) -> tuple[bytes, list[tuple[str, bytes]]]:
+    features = np.atleast_2d(req.features) if req.features.size else req.features.reshape(0, 0)
+    head = _QUERY_V1.pack(int(req.modality), int(req.target), req.k, req.reply_partition)
+    body = head + _encode_str(req.correlation_id) + _encode_str(req.reply_topic) + encode_array(features, dtype)
+    return body, QUERY_HEADERS
+
+
+def _decode_query_v1(body: bytes) -> QueryRequest:
+    modality, target, k, reply_partition = _unpack(_QUERY_V1, body, QUERY)
+    if modality > 1 or target > 1:
+        raise SchemaError("decode", f"query modality {modality} / target {target}; expected 0 (img) or 1 (txt)")
+    correlation_id, pos = _decode_str(body, _QUERY_V1.size)
+    reply_topic, pos = _decode_str(body, pos)
+    features, pos = decode_array(body, pos)
+    if features.ndim != 2:
+        raise SchemaError("shape", f"query {correlation_id}: features must be (n, dim), got {features.shape}")
+    if not reply_topic:
+        raise SchemaError("decode", f"query {correlation_id}: empty reply topic")
+    return QueryRequest(correlation_id, reply_topic, Modality(modality), features, k, Modality(target), reply_partition)
+
+
+def decode_query(body: bytes | None, headers: Headers | None) -> QueryRequest:
+    return _DECODERS[QUERY][schema_version(headers, QUERY)](body)
+
+
+_RESULT_V1 = struct.Struct("<Bqqqf")  # status, model version, image codes, text codes, search seconds
+RESULT_STATUSES = ("ok", "not_ready", "bad_request")
+RESULT_HEADERS = schema_headers(RESULT, 1)
+
+
+@dataclass(frozen=True, eq=False)
+class QueryResult:
+    correlation_id: str
+    status: str
+    ids: np.ndarray  # (n, k) int64 item ids, nearest first; -1 pads when the store holds fewer than k
+    distances: np.ndarray  # (n, k) Hamming distances
+    model_version: int
+    store_codes: tuple[int, int]  # (image codes, text codes) held when the request was answered
+    search_seconds: float = 0.0
+    error: str = ""
+
+
+def encode_result(res: QueryResult) -> tuple[bytes, list[tuple[str, bytes]]]:
+    head = _RESULT_V1.pack(RESULT_STATUSES.index(res.status), res.model_version, *res.store_codes, res.search_seconds)
+    ids = np.asarray(res.ids, dtype=np.int64)
+    # Item ids and distances mostly fit in 32 and 8 bits; the dtype code tells the reader what came.
+    id_dtype = np.int32 if ids.size == 0 or (ids.min() >= -(2**31) and ids.max() < 2**31) else np.int64
+    dist_dtype = np.uint8 if res.distances.size == 0 or res.distances.max() < 256 else np.uint16
+    body = (
+        head
+        + _encode_str(res.correlation_id)
+        + _encode_str(res.error)
+        + encode_array(ids.astype(id_dtype))
+        + encode_array(np.asarray(res.distances).astype(dist_dtype))
+    )
+    return body, RESULT_HEADERS
+
+
+def _decode_result_v1(body: bytes) -> QueryResult:
+    status, version, n_img, n_txt, seconds = _unpack(_RESULT_V1, body, RESULT)
+    if status >= len(RESULT_STATUSES):
+        raise SchemaError("decode", f"unknown result status {status}")
+    correlation_id, pos = _decode_str(body, _RESULT_V1.size)
+    error, pos = _decode_str(body, pos)
+    ids, pos = decode_array(body, pos)
+    distances, pos = decode_array(body, pos)
+    if ids.shape != distances.shape:
+        raise SchemaError("shape", f"result {correlation_id}: ids {ids.shape} vs distances {distances.shape}")
+    return QueryResult(
+        correlation_id,
+        RESULT_STATUSES[status],
+        ids.astype(np.int64),
+        distances.astype(np.int32),
+        version,
+        (n_img, n_txt),
+        seconds,
+        error,
+    )
+
+
+def decode_result(body: bytes | None, headers: Headers | None) -> QueryResult:
+    return _DECODERS[RESULT][schema_version(headers, RESULT)](body)
+
+
+def _guard(decoder: Callable[[bytes], Any]) -> Callable[[bytes | None], Any]:
+    """A missing body is a decode error, not an AttributeError."""
+
+    def decode(body: bytes | None) -> Any:
+        if body is None:
+            raise SchemaError("decode", "message has no value")
+        return decoder(body)
+
+    return decode
+
+
+# Every version ever written, per schema: add the new version here and keep the old decoders.
+_DECODERS = {
+    ARRIVAL: {1: _guard(_decode_arrival_v1)},
+    CODE: {1: _guard(_decode_code_v1)},
+    MODEL_PART: {1: _guard(_decode_model_part_v1)},
+    QUERY: {1: _guard(_decode_query_v1)},
+    RESULT: {1: _guard(_decode_result_v1)},
+}

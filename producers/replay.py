@@ -1,0 +1,240 @@
+"""Replay protocol P1 as an arrival stream at a set rate, and score the query set against the live store.
+
+Pacing follows a schedule (item i is due ``i / rate`` seconds after the start), so short stalls are
+caught up rather than lost, and the achieved rate is measured per full minute. The P1 offline part
+goes first as paired arrivals with ``chunk = -1`` (coded with version 0, skipped by learners), then
+the stream's chunks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from consumers.metrics import Metrics
+from consumers.query import Query, QueryClient
+from consumers.runtime import Runtime
+from consumers.settings import PipelineConfig
+from fpocmh_core import evaluation, schemas
+from fpocmh_core.data import CrossModalDataset
+from fpocmh_core.protocols import P1Config, P1Split, p1_chunk_records, paired_records
+from fpocmh_core.records import ItemRecord, Modality
+
+log = logging.getLogger(__name__)
+
+WINDOW_S = 60.0
+OFFLINE_CHUNK = -1
+
+
+def wire_dtypes(ds: CrossModalDataset) -> schemas.WireDtypes:
+    """The most compact lossless encoding of each modality, decided once for the whole dataset."""
+    return schemas.WireDtypes(image=schemas.wire_dtype(ds.image), text=schemas.wire_dtype(ds.text))
+
+
+@dataclass
+class RateReport:
+    target: float
+    items: int = 0
+    seconds: float = 0.0
+    # (items, seconds) per full window of WINDOW_S seconds of sending time
+    windows: list[tuple[int, float]] = field(default_factory=list)
+
+    _window: tuple[int, float] = field(default=(0, 0.0), repr=False)
+
+    def add(self, items: int, seconds: float) -> None:
+        """Count ``items`` sent over ``seconds`` of sending time; close a window every WINDOW_S seconds."""
+        self.items += items
+        self.seconds += seconds
+        n, spent = self._window[0] + items, self._window[1] + seconds
+        if spent >= WINDOW_S:
+            self.windows.append((n, spent))
+            n, spent = 0, 0.0
+        self._window = (n, spent)
+
+    @property
+    def achieved(self) -> float:
+        return self.items / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def worst_window_error(self) -> float | None:
+        """Largest relative deviation from the target over any full minute (None: no full minute)."""
+        if not self.target or not self.windows:
+            return None
+        return max(abs(n / s - self.target) / self.target for n, s in self.windows)
+
+    def summary(self) -> str:
+        text = f"{self.items} items in {self.seconds:.1f} s: {self.achieved:,.0f} items/s"
+        if self.target:
+            text += f" (target {self.target:,.0f}, {100 * (self.achieved / self.target - 1):+.1f}%"
+            worst = self.worst_window_error
+            if worst is not None:
+                text += f"; worst of {len(self.windows)} full minute(s) off by {100 * worst:.1f}%"
+            text += ")"
+        return text
+
+
+class Replayer:
+    """Produces arrivals at ``rate`` items/s (0: as fast as possible); pauses between calls don't count."""
+
+    def __init__(
+        self,
+        cfg: PipelineConfig,
+        metrics: Metrics,
+        dtypes: schemas.WireDtypes,
+        rate: float,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.rt = Runtime(cfg, "replay", metrics, stop, {"linger.ms": cfg.replay.linger_ms})
+        self.dtypes = dtypes
+        self.topic = cfg.topics.arrivals
+        self.report = RateReport(target=rate)
+
+    def send(self, records: Sequence[ItemRecord], progress: Callable[[int], object] | None = None) -> int:
+        """Produce ``records`` on schedule and wait for their acks; returns how many were sent."""
+        rate = self.report.target
+        start = last = time.perf_counter()
+        sent = 0
+        while sent < len(records) and not self.rt.stop.is_set():
+            now = time.perf_counter()
+            # Record i is due i / rate seconds after the start.
+            due = len(records) if not rate else min(len(records), int((now - start) * rate) + 1)
+            if due <= sent:
+                time.sleep(min(0.005, start + sent / rate - now))
+                continue
+            upto = min(due, sent + 2000)
+            for record in records[sent:upto]:
+                value, headers = schemas.encode_arrival(record, self.dtypes)
+                self.rt.produce(self.topic, value, key=str(record.item_id).encode(), headers=headers)
+            self.rt.producer.poll(0)
+            if progress is not None:
+                progress(upto - sent)
+            now = time.perf_counter()
+            self.report.add(upto - sent, now - last)
+            sent, last = upto, now
+        self.rt.flush()
+        return sent
+
+    def close(self) -> None:
+        self.rt.producer.flush(self.rt.cfg.flush_timeout_s)
+
+
+def p1_schedule(ds: CrossModalDataset, split: P1Split, cfg: P1Config, offline: bool) -> list[list[ItemRecord]]:
+    """The P1 arrivals as chunks: the offline part first (``chunk = -1``) when ``offline``."""
+    chunks = [p1_chunk_records(ds, split, cfg, c) for c in range(len(split.chunks))]
+    return ([paired_records(ds, split.offline, OFFLINE_CHUNK)] if offline else []) + chunks
+
+
+def expected_codes(chunks: Sequence[Sequence[ItemRecord]]) -> tuple[int, int]:
+    """(image, text) codes the store holds once ``chunks`` are coded: one per item and modality."""
+    seen: dict[Modality, set[int]] = {m: set() for m in Modality}
+    for chunk in chunks:
+        for record in chunk:
+            for m in record.modalities:
+                seen[m].add(record.item_id)
+    return len(seen[Modality.IMAGE]), len(seen[Modality.TEXT])
+
+
+def wait_for_store(client: QueryClient, want: tuple[int, int], timeout_s: float) -> schemas.QueryResult:
+    """Status probes until the store holds ``want`` (image, text) codes or the timeout passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = client.status(timeout_s=max(1.0, deadline - time.monotonic()))
+        if all(have >= need for have, need in zip(status.store_codes, want, strict=True)):
+            return status
+        if time.monotonic() > deadline:
+            log.warning("store holds %s codes, expected %s; scoring anyway", status.store_codes, want)
+            return status
+        time.sleep(0.2)
+
+
+def live_map(
+    client: QueryClient, ds: CrossModalDataset, query_rows: np.ndarray, k: int, batch: int, timeout_s: float = 120.0
+) -> dict[str, float]:
+    """mAP@k of the query set against the live store: I->T (image queries, text codes) and T->I."""
+    scores = {}
+    for direction, modality in (("i2t", Modality.IMAGE), ("t2i", Modality.TEXT)):
+        feats = ds.image if modality is Modality.IMAGE else ds.text
+        queries = [Query(feats[query_rows[i : i + batch]], modality, k) for i in range(0, query_rows.size, batch)]
+        results = client.search_many(queries, timeout_s)
+        width = max(r.ids.shape[1] for r in results)
+        padded = [np.pad(r.ids, ((0, 0), (0, width - r.ids.shape[1])), constant_values=-1) for r in results]
+        ids = np.concatenate(padded)
+        scores[direction] = evaluation.mean_average_precision_ranked(relevance_of(ds.labels, query_rows, ids))
+    return scores
+
+
+def relevance_of(labels: np.ndarray, query_rows: np.ndarray, ranked_ids: np.ndarray) -> np.ndarray:
+    """(n_q, k) bool: the ranked item shares a label with its query; padding (-1) is never relevant."""
+    valid = ranked_ids >= 0
+    shared = labels[np.where(valid, ranked_ids, 0)].astype(bool) & labels[query_rows][:, None, :].astype(bool)
+    return shared.any(axis=2) & valid
+
+
+@dataclass(frozen=True)
+class ChunkScore:
+    """The live store after one chunk: what it held, the model serving it, and mAP@K both ways."""
+
+    chunk: int
+    arrivals: int
+    store_codes: tuple[int, int]
+    model_version: int
+    i2t: float
+    t2i: float
+    catchup_s: float
+
+
+def replay_p1(
+    cfg: PipelineConfig,
+    ds: CrossModalDataset,
+    split: P1Split,
+    p1cfg: P1Config,
+    metrics: Metrics,
+    stop: threading.Event,
+    client: QueryClient | None = None,
+    progress: bool = True,
+    on_chunk: Callable[[ChunkScore], object] | None = None,
+) -> tuple[RateReport, list[ChunkScore]]:
+    """Replay P1 at ``cfg.replay.rate``; with a ``client``, score the query set after every chunk."""
+    from tqdm import tqdm
+
+    schedule = p1_schedule(ds, split, p1cfg, cfg.replay.offline)
+    replayer = Replayer(cfg, metrics, wire_dtypes(ds), cfg.replay.rate, stop)
+    scores: list[ChunkScore] = []
+    bar = tqdm(total=sum(map(len, schedule)), unit="item", disable=not progress, smoothing=0.1)
+    try:
+        for i, records in enumerate(schedule):
+            bar.set_description(f"chunk {records[0].chunk}")
+            replayer.send(records, bar.update)
+            if stop.is_set() or client is None:
+                continue
+            start = time.monotonic()
+            try:
+                status = wait_for_store(client, expected_codes(schedule[: i + 1]), cfg.run.catchup_timeout_s)
+                caught_up = time.monotonic() - start
+                live = live_map(client, ds, split.query, cfg.replay.score_topk, cfg.replay.score_batch)
+            except InterruptedError:
+                break
+            for direction, value in live.items():
+                metrics.retrieval_map.labels(direction).set(value)
+            chunk, version = records[0].chunk, status.model_version
+            score = ChunkScore(chunk, len(records), status.store_codes, version, live["i2t"], live["t2i"], caught_up)
+            scores.append(score)
+            if on_chunk is not None:
+                on_chunk(score)
+    finally:
+        bar.close()
+        replayer.close()
+    return replayer.report, scores
+
+
+def format_score(score: ChunkScore, k: int) -> str:
+    return (
+        f"chunk {score.chunk:>2}: {score.arrivals:>5} arrivals; store {score.store_codes[0]:>5} img + "
+        f"{score.store_codes[1]:>5} txt codes (caught up in {score.catchup_s:.1f} s); model v{score.model_version}; "
+        f"mAP@{k} I->T {score.i2t:.4f}  T->I {score.t2i:.4f}"
+    )

@@ -1,0 +1,137 @@
+"""Helpers for the broker tests: roles in threads, producing arrivals, reading topics to a count."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from confluent_kafka import OFFSET_BEGINNING, Message
+from prometheus_client import CollectorRegistry
+
+from consumers.kafka import assign_all, make_consumer
+from consumers.metrics import Metrics
+from consumers.models import publish_model
+from consumers.runtime import Runtime
+from consumers.settings import PipelineConfig
+from fpocmh_core import schemas
+from fpocmh_core.nets import HashModel
+from fpocmh_core.records import ItemRecord
+from fpocmh_core.state import ModelState
+
+
+def fresh_metrics() -> Metrics:
+    return Metrics(CollectorRegistry())
+
+
+def model_state(dims: tuple[int, int], bits: int, version: int = 0, seed: int = 0) -> ModelState:
+    """A hash model's state as the encoder and query roles read it (untrained: quality is not under test)."""
+    model = HashModel.create(dims, bits, hidden=(64,), seed=seed)
+    parent = None if version == 0 else version - 1
+    return ModelState("naive", version, parent, model.tensors(), {"arch": model.arch()})
+
+
+def publish(cfg: PipelineConfig, state: ModelState) -> None:
+    rt = Runtime(cfg, "learner", fresh_metrics())
+    publish_model(rt, state)
+    rt.flush()
+
+
+def produce_arrivals(cfg: PipelineConfig, records: Sequence[ItemRecord]) -> None:
+    rt = Runtime(cfg, "replay", fresh_metrics())
+    for r in records:
+        value, headers = schemas.encode_arrival(r)
+        rt.produce(cfg.topics.arrivals, value, key=str(r.item_id).encode(), headers=headers)
+    rt.flush()
+
+
+def produce_raw(cfg: PipelineConfig, topic: str, value: bytes, headers: list[tuple[str, bytes]] | None) -> None:
+    rt = Runtime(cfg, "replay", fresh_metrics())
+    rt.produce(topic, value, key=b"bad", headers=headers)
+    rt.flush()
+
+
+def read_topic(cfg: PipelineConfig, topic: str, count: int, timeout_s: float = 60.0) -> list[Message]:
+    """The first ``count`` messages of ``topic`` (all partitions); fails the test if they don't come."""
+    consumer = make_consumer(cfg, "test", None, 10)
+    assign_all(consumer, topic, OFFSET_BEGINNING)
+    out: list[Message] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(out) < count and time.monotonic() < deadline:
+            out += [m for m in consumer.consume(1000, 0.2) if m.error() is None]
+    finally:
+        consumer.close()
+    assert len(out) >= count, f"{topic}: {len(out)} of {count} messages after {timeout_s} s"
+    return out
+
+
+def read_codes_until(
+    cfg: PipelineConfig, keys: set[bytes], source: str = "encoder", timeout_s: float = 60.0
+) -> list[schemas.CodeMessage]:
+    """Codes from the start of the codes topic until every key in ``keys`` has one from ``source``."""
+    consumer = make_consumer(cfg, "test", None, 10)
+    assign_all(consumer, cfg.topics.codes, OFFSET_BEGINNING)
+    out: list[schemas.CodeMessage] = []
+    missing = set(keys)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while missing and time.monotonic() < deadline:
+            got = codes_of([m for m in consumer.consume(1000, 0.2) if m.error() is None])
+            out += got
+            missing -= {c.key for c in got if c.source == source}
+    finally:
+        consumer.close()
+    assert not missing, f"{len(missing)} of {len(keys)} keys without a code from the {source} after {timeout_s} s"
+    return out
+
+
+def codes_of(msgs: Sequence[Message]) -> list[schemas.CodeMessage]:
+    return [schemas.decode_code(m.value(), m.headers()) for m in msgs]
+
+
+def wait_until(predicate: Callable[[], Any], timeout_s: float = 60.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+class RoleThread:
+    """``with RoleThread(run_encoder, cfg) as role:`` runs a role in a thread and stops it cleanly after."""
+
+    def __init__(self, target: Callable[..., None], cfg: PipelineConfig, **kwargs: Any) -> None:
+        self.stop = threading.Event()
+        self.metrics = fresh_metrics()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(target, cfg, kwargs), daemon=True)
+
+    def _run(self, target: Callable[..., None], cfg: PipelineConfig, kwargs: dict[str, Any]) -> None:
+        try:
+            target(cfg, self.metrics, self.stop, **kwargs)
+        except BaseException as exc:
+            self.error = exc
+            raise
+
+    def __enter__(self) -> RoleThread:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self._thread.join(60)
+        assert not self._thread.is_alive(), "role did not stop within 60 s"
+        if self.error is not None and exc[0] is None:
+            raise self.error
+
+    def value(self, metric: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(metric, labels) or 0.0
+
+
+def paired_items(ds_image: np.ndarray, ds_text: np.ndarray, rows: Sequence[int], chunk: int = 0) -> list[ItemRecord]:
+    return [ItemRecord(int(r), ds_image[r], ds_text[r], None, chunk) for r in rows]

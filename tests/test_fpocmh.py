@@ -1,0 +1,328 @@
+"""FPO-CMH: anchor bank, streaming loss, asynchronous windows, rehearsal, promotion, state.
+
+Small synthetic arrays for the mechanics, a short stream from the real benchmark for the behaviour.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from fpocmh_core import codes, evaluation
+from fpocmh_core.bank import MODALITIES, AnchorBank
+from fpocmh_core.data import CrossModalDataset
+from fpocmh_core.learners.fpocmh import FpocmhLearner, load_config
+from fpocmh_core.nets import HashModel
+from fpocmh_core.offline import TrainingSet, load_offline_config, train_offline
+from fpocmh_core.protocols import p1_chunk_records
+from fpocmh_core.records import ItemRecord, Modality
+from fpocmh_core.state import ModelState
+
+IMG, TXT = Modality.IMAGE, Modality.TEXT
+# The machine is shared; one thread avoids oversubscription, which slows small matmuls several-fold.
+torch.set_num_threads(1)
+
+
+def synthetic(n: int = 240, n_labels: int = 4, space: str = "separate", seed: int = 0) -> CrossModalDataset:
+    """Items of ``n_labels`` categories (some with a second one), one cluster per category per modality."""
+    rs = np.random.RandomState(seed)
+    labels = np.zeros((n, n_labels), np.uint8)
+    labels[np.arange(n), rs.randint(0, n_labels, n)] = 1
+    second = rs.rand(n) < 0.3
+    labels[np.flatnonzero(second), rs.randint(0, n_labels, second.sum())] = 1
+    dims = (12, 12) if space == "joint" else (12, 9)
+    centres = [rs.randn(n_labels, d) * 3 for d in dims]
+    if space == "joint":
+        centres[1] = centres[0]
+    feats = [(labels @ c) / labels.sum(1, keepdims=True) + rs.randn(n, c.shape[1]) for c in centres]
+    return CrossModalDataset(
+        "synthetic", feats[0].astype(np.float32), feats[1].astype(np.float32), labels, feature_space=space
+    )
+
+
+def make_learner(ds: CrossModalDataset, rows: np.ndarray, dropout: float = 0.0, **overrides) -> FpocmhLearner:
+    model = HashModel.create(ds.dims, 16, hidden=(32,), dropout=dropout, seed=0)
+    return FpocmhLearner.from_offline(model, ds, rows, load_config(overrides={"mu": 4, **overrides}))
+
+
+def unimodal_stream(ds: CrossModalDataset, rows, labelled: bool = True, chunk: int = 0) -> list[ItemRecord]:
+    """Every row split into an image-only and a text-only arrival, interleaved."""
+    out = []
+    for r in rows:
+        lab = ds.labels[r] if labelled else None
+        out.append(ItemRecord(int(r), ds.image[r], None, lab, chunk))
+        out.append(ItemRecord(int(r), None, ds.text[r], lab, chunk))
+    return out
+
+
+def params(learner: FpocmhLearner, modality: Modality) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in learner.model.net(modality).parameters()]
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor], atol: float = 0.0) -> bool:
+    return all(torch.allclose(x, y, atol=atol, rtol=0) for x, y in zip(a, b, strict=True))
+
+
+@pytest.fixture(scope="module")
+def ds() -> CrossModalDataset:
+    return synthetic()
+
+
+OFFLINE = np.arange(120)
+STREAM = np.arange(120, 240)
+
+
+# --- the anchor bank ---------------------------------------------------------------------------
+
+
+def test_bank_rows_are_categories_seen_in_both_modalities_with_per_category_means(ds):
+    feats = {IMG: ds.image[OFFLINE], TXT: ds.text[OFFLINE]}
+    relaxed = {IMG: np.tanh(ds.image[OFFLINE][:, :8]), TXT: np.tanh(ds.text[OFFLINE][:, :8])}
+    members = {IMG: ds.labels[OFFLINE].copy(), TXT: ds.labels[OFFLINE].copy()}
+    members[TXT][:, 2] = 0  # category 2 never seen on the text side
+    bank = AnchorBank.build(feats, relaxed, members, promote_after=1)
+    assert bank.categories == [0, 1, 3]
+    has0 = ds.labels[OFFLINE][:, 0] == 1
+    np.testing.assert_allclose(bank.feat[IMG][0], ds.image[OFFLINE][has0].mean(0), rtol=1e-5)
+    np.testing.assert_allclose(bank.code[TXT][0], relaxed[TXT][has0].mean(0), rtol=1e-5)
+    assert bank.count[IMG][0] == has0.sum()
+    np.testing.assert_array_equal(bank.initial_feat[IMG], bank.feat[IMG])
+
+
+def test_bank_update_is_a_running_mean_and_row_0_is_updated(ds):
+    learner = make_learner(ds, OFFLINE)
+    bank = learner.bank
+    assert bank.categories[0] == 0
+    n0, f0 = bank.count[IMG][0], bank.feat[IMG][0].copy()
+    x, h = np.ones(ds.dims[0], np.float32), np.ones(16, np.float32)
+    bank.observe(IMG, x, h, [0])
+    assert bank.count[IMG][0] == n0 + 1
+    np.testing.assert_allclose(bank.feat[IMG][0], (n0 * f0 + x) / (n0 + 1), rtol=1e-5)
+    np.testing.assert_array_equal(bank.initial_feat[IMG][0], f0)  # the rehearsal copy never moves
+
+
+def test_a_streamed_item_updates_bank_row_0(ds):
+    learner = make_learner(ds, OFFLINE)
+    row0 = learner.bank.code[TXT][0].copy()
+    r = int(np.flatnonzero(ds.labels[STREAM, 0])[0]) + STREAM[0]
+    learner.learn([ItemRecord(r, None, ds.text[r], ds.labels[r])])
+    assert not np.allclose(learner.bank.code[TXT][0], row0)
+
+
+def test_novel_category_is_promoted_only_after_both_modalities_were_seen(ds):
+    has3 = ds.labels[:, 3] == 1
+    offline = OFFLINE[~has3[OFFLINE]]
+    learner = make_learner(ds, offline, is_accessible_bank_count=2)
+    assert 3 not in learner.bank.categories
+    rows = [int(r) for r in STREAM if has3[r]][:3]
+    images = [ItemRecord(r, ds.image[r], None, ds.labels[r]) for r in rows]
+    texts = [ItemRecord(r, None, ds.text[r], ds.labels[r]) for r in rows]
+    learner.learn(images)  # three images: still no text of category 3
+    assert 3 not in learner.bank.categories and 3 in learner.bank.pending
+    learner.learn(texts[:1])  # one text: below is_accessible_bank_count
+    assert 3 not in learner.bank.categories
+    report = learner.learn(texts[1:2])
+    assert learner.bank.categories[-1] == 3 and 3 not in learner.bank.pending
+    assert report.bank_rows == len(learner.bank) == 4
+    np.testing.assert_allclose(learner.bank.feat[IMG][-1], ds.image[rows].mean(0), rtol=1e-5)
+    np.testing.assert_allclose(learner.bank.feat[TXT][-1], ds.text[rows[:2]].mean(0), rtol=1e-5)
+
+
+# --- the streaming loss and its optimisation ---------------------------------------------------
+
+
+def test_images_and_texts_step_asynchronously_each_after_its_own_window(ds):
+    mu = 4
+    learner = make_learner(ds, OFFLINE, mu=mu)
+    imgs = [r for r in unimodal_stream(ds, STREAM) if r.image is not None][: 3 * mu]
+    txts = [r for r in unimodal_stream(ds, STREAM) if r.text is not None][:mu]
+    text_before = params(learner, TXT)
+    report = learner.learn(imgs)
+    assert report.steps == {"img": 3, "txt": 0}
+    assert same(params(learner, TXT), text_before)  # images send no gradient into the text network
+    report = learner.learn(txts[:-1])
+    assert report.steps == {"img": 0, "txt": 0} and same(params(learner, TXT), text_before)
+    image_before = params(learner, IMG)
+    report = learner.learn(txts[-1:])
+    assert report.steps == {"img": 0, "txt": 1}
+    assert not same(params(learner, TXT), text_before) and same(params(learner, IMG), image_before)
+
+
+def test_a_paired_item_counts_towards_both_windows(ds):
+    learner = make_learner(ds, OFFLINE, mu=2)
+    pairs = [ItemRecord(int(r), ds.image[r], ds.text[r], ds.labels[r]) for r in STREAM[:2]]
+    assert learner.learn(pairs).steps == {"img": 1, "txt": 1}
+
+
+def test_micro_batch_equals_item_by_item(ds):
+    stream = unimodal_stream(ds, STREAM[:30])
+    stream[7] = ItemRecord(stream[7].item_id, stream[7].image, ds.text[stream[7].item_id], None)  # a pair
+    for i in range(0, len(stream), 3):  # some arrivals without labels: their categories come from the bank
+        stream[i] = ItemRecord(stream[i].item_id, stream[i].image, stream[i].text, None)
+    batched, single = make_learner(ds, OFFLINE), make_learner(ds, OFFLINE)
+    batched.learn(stream[:50])
+    batched.learn(stream[50:])
+    for rec in stream:
+        single.learn([rec])
+    for m in MODALITIES:
+        assert same(params(batched, m), params(single, m), atol=1e-5)
+        np.testing.assert_allclose(batched.bank.code[m], single.bank.code[m], atol=1e-5)
+        np.testing.assert_allclose(batched.bank.feat[m], single.bank.feat[m], atol=1e-5)
+    assert batched.steps == single.steps and batched.steps[IMG] > 3
+
+
+def test_an_item_without_category_weighs_zero_and_sends_no_gradient(ds):
+    learner = make_learner(ds, OFFLINE, theta=1.0, mu=100)  # no similarity reaches theta = 1
+    r = int(STREAM[0])
+    report = learner.learn([ItemRecord(r, ds.image[r], None, None)])
+    assert report.losses["weight"] == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in learner.model.image.parameters())
+    report = learner.learn([ItemRecord(r, ds.image[r], None, ds.labels[r])])  # labels give it categories
+    assert report.losses["weight"] == 1.0
+    assert any(p.grad is not None and p.grad.any() for p in learner.model.image.parameters())
+
+
+def test_items_of_the_offline_part_are_ignored(ds):
+    learner = make_learner(ds, OFFLINE, mu=1)
+    before = learner.export_state()
+    report = learner.learn(unimodal_stream(ds, OFFLINE[:5], chunk=-1))
+    assert report.items == 0 and report.steps == {"img": 0, "txt": 0}
+    after = learner.export_state()
+    assert all(np.array_equal(before.tensors[k], after.tensors[k]) for k in before.tensors)
+
+
+def test_rehearsal_targets_are_the_offline_codes_of_the_anchors_in_eval_mode(ds):
+    model = HashModel.create(ds.dims, 16, hidden=(32,), dropout=0.5, seed=0)
+    cfg = load_config(overrides={"mu": 4})
+    first = FpocmhLearner.from_offline(copy.deepcopy(model), ds, OFFLINE, cfg)
+    second = FpocmhLearner.from_offline(copy.deepcopy(model), ds, OFFLINE, cfg)
+    for m in MODALITIES:
+        np.testing.assert_array_equal(first.bank.rehearsal_targets[m], second.bank.rehearsal_targets[m])
+        expected = codes.sign_codes(model.relaxed(first.bank.initial_feat[m], m))
+        np.testing.assert_array_equal(first.bank.rehearsal_targets[m], expected)
+
+
+def test_rehearsal_keeps_the_initial_anchors_codes(ds):
+    """With a large learning rate the anchors' codes drift away from the offline ones unless rehearsed."""
+    agreement = {}
+    for gamma in (0.0, 10.0):
+        learner = make_learner(
+            ds, OFFLINE, gamma=gamma, logit_scale=10.0, **{"optimizer.lr_image": 0.2, "optimizer.lr_text": 0.2}
+        )
+        learner.learn(unimodal_stream(ds, STREAM))
+        bank, model = learner.bank, learner.model
+        now = {m: codes.sign_codes(model.relaxed(bank.initial_feat[m], m)) for m in MODALITIES}
+        kept = [now[m] == bank.rehearsal_targets[m] for m in MODALITIES]
+        agreement[gamma] = np.mean(kept)
+    assert agreement[10.0] > agreement[0.0] + 0.05
+
+
+def test_gamma_weighs_the_rehearsal_loss(ds):
+    losses = {}
+    for gamma in (1.0, 3.0):
+        learner = make_learner(ds, OFFLINE, gamma=gamma, mu=4)
+        losses[gamma] = learner.learn(unimodal_stream(ds, STREAM[:2])).losses["rehearsal"]
+    assert losses[3.0] == pytest.approx(3.0 * losses[1.0], rel=1e-5)
+
+
+# --- state and purity ---------------------------------------------------------------------------
+
+
+def test_export_and_import_continue_identically_with_dropout(ds):
+    learner = make_learner(ds, OFFLINE, dropout=0.3, mu=5)
+    stream = unimodal_stream(ds, STREAM[:40])
+    learner.learn(stream[:33])  # leaves partly filled windows and accumulated gradients behind
+    state = ModelState.from_bytes(learner.export_state().to_bytes())
+    clone = FpocmhLearner.from_state(state)
+    for each in (learner, clone):
+        each.learn(stream[33:])
+    x = ds.image[STREAM[:20]]
+    np.testing.assert_array_equal(learner.encode(x, IMG), clone.encode(x, IMG))
+    for m in MODALITIES:
+        assert same(params(learner, m), params(clone, m))
+        np.testing.assert_array_equal(learner.bank.code[m], clone.bank.code[m])
+
+
+def test_encode_is_pure(ds):
+    learner = make_learner(ds, OFFLINE, dropout=0.3)
+    learner.learn(unimodal_stream(ds, STREAM[:3]))
+    before = learner.export_state()
+    first = learner.encode(ds.text[STREAM], TXT)
+    np.testing.assert_array_equal(first, learner.encode(ds.text[STREAM], TXT))
+    after = learner.export_state()
+    assert all(np.array_equal(before.tensors[k], after.tensors[k]) for k in before.tensors)
+
+
+# --- the joint-space (paper) form ---------------------------------------------------------------
+
+
+def test_joint_space_form_uses_zero_shot_vocabulary_and_promotes_new_words(tmp_path):
+    ds = synthetic(space="joint", n_labels=4)
+    centres = np.stack([ds.image[ds.labels[:, k] == 1].mean(0) for k in range(4)])
+    vocab = np.vstack([centres[:3], -centres.sum(0), centres[3]])  # word 3 is far from everything
+    path = tmp_path / "vocab.npy"
+    np.save(path, vocab)
+    offline = OFFLINE[ds.labels[OFFLINE, 3] == 0]  # nothing resembling word 4 offline
+    learner = make_learner(ds, offline, category_embeddings=str(path), similarity_scale=10.0, theta=0.5)
+    assert learner.space == "joint" and learner.bank.categories == [0, 1, 2]
+    rows = [int(r) for r in STREAM if ds.labels[r].tolist() == [0, 0, 0, 1]][:2]
+    learner.learn([ItemRecord(rows[0], ds.image[rows[0]], None, None)])
+    assert 4 in learner.bank.pending and 4 not in learner.bank.categories
+    learner.learn([ItemRecord(rows[1], None, ds.text[rows[1]], None)])
+    assert learner.bank.categories == [0, 1, 2, 4]
+
+
+def test_joint_space_cross_modal_target_comes_from_the_other_modalitys_anchors():
+    ds = synthetic(space="joint")
+    learner = make_learner(ds, OFFLINE)
+    text_only = make_learner(ds, OFFLINE)
+    # Move the image anchors far away: a text item's cross-modal target must change, its intra one not.
+    text_only.bank.feat[IMG] = text_only.bank.feat[IMG][::-1].copy()
+    r = int(STREAM[0])
+    rec = ItemRecord(r, None, ds.text[r], None)
+    _, a = learner._targets(rec, TXT, ds.text[r], None)
+    _, b = text_only._targets(rec, TXT, ds.text[r], None)
+    np.testing.assert_allclose(a.q_intra, b.q_intra)
+    np.testing.assert_allclose(a.q_inter[::-1], b.q_inter, rtol=1e-5)
+
+
+def test_separate_space_target_is_the_label_distribution_for_both_terms(ds):
+    learner = make_learner(ds, OFFLINE)
+    r = int(np.flatnonzero(ds.labels[:, 0] & ds.labels[:, 2])[0])
+    _, t = learner._targets(ItemRecord(r, ds.image[r], None, ds.labels[r]), IMG, ds.image[r], None)
+    np.testing.assert_allclose(t.q_intra, [0.5, 0, 0.5, 0])
+    np.testing.assert_array_equal(t.q_inter, t.q_intra)
+    np.testing.assert_array_equal(t.other_codes, learner.bank.code[TXT])
+
+
+# --- behaviour on the real benchmark ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_offline_model(mirflickr, p1):
+    """A quickly trained offline model on a slice of the real P1 offline part."""
+    cfg = load_offline_config(overrides={"hidden": [256], "epochs": 5, "eval_every": 5})
+    return train_offline(TrainingSet.from_rows(mirflickr, p1.offline[:1500]), 32, cfg, progress=False).model
+
+
+def test_rehearsal_protects_stored_code_retrieval_on_a_real_stream(mirflickr, p1, p1_config, small_offline_model):
+    """A short P1 stream at a high learning rate: without rehearsal the stored offline codes stop matching."""
+    offline = p1.offline[:1500]
+    stream = p1_chunk_records(mirflickr, p1, p1_config, 0)[:512]
+    query = p1.query[:400]
+    stored_txt = small_offline_model.encode(mirflickr.text[offline], TXT)
+    scores = {}
+    for gamma in (0.0, 20.0):
+        cfg = load_config(
+            overrides={"gamma": gamma, "logit_scale": 10.0, "optimizer.lr_image": 0.05, "optimizer.lr_text": 0.05}
+        )
+        learner = FpocmhLearner.from_offline(copy.deepcopy(small_offline_model), mirflickr, offline, cfg)
+        learner.learn(stream)
+        queries = learner.encode(mirflickr.image[query], IMG)
+        scores[gamma] = evaluation.mean_average_precision(
+            queries, stored_txt, mirflickr.labels[query], mirflickr.labels[offline]
+        )
+    assert scores[20.0] > scores[0.0] + 0.01

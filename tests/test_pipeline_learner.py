@@ -1,0 +1,89 @@
+"""The learner role against a real broker: versions it publishes reach the encoder, and a restarted
+learner resumes from its checkpoint without learning any item twice.
+
+The method comes from the pipeline config (``fpocmh`` by default); models are trained for one epoch on
+a few hundred pairs, since quality is not under test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+from pipeline_support import RoleThread, produce_arrivals, read_codes_until, wait_until
+
+from consumers.encoder import run_encoder
+from consumers.learner import Checkpoints, run_learner
+from fpocmh_core import schemas
+from fpocmh_core.learners.registry import learner_class
+from fpocmh_core.protocols import p1_chunk_records
+from fpocmh_core.state import save_checkpoint
+
+pytestmark = pytest.mark.broker
+
+# The smallest training each method accepts: one epoch on the bootstrap rows.
+TINY = {
+    "fpocmh": {"offline": {"epochs": 1}},
+    "dlch": {"original.epochs": 1, "lifelong.epochs": 1, "lifelong.omega": 200, "lifelong.reservoir": 300},
+}
+
+
+@pytest.fixture
+def learner_cfg(pipeline_cfg, mirflickr, p1, tmp_path):
+    method = pipeline_cfg.method
+    learner = learner_class(method).bootstrap(mirflickr, p1.offline[:300], pipeline_cfg.bits, TINY[method], False)
+    init = save_checkpoint(learner.export_state(), tmp_path / "v0")
+    role = dataclasses.replace(
+        pipeline_cfg.learner, init=str(init), publish_every_items=100, publish_every_s=0.0, batch_size=50
+    )
+    return dataclasses.replace(pipeline_cfg, learner=role)
+
+
+def consumed(role: RoleThread, cfg) -> float:
+    return role.value("fpocmh_messages_consumed_total", role="learner", topic=cfg.topics.arrivals)
+
+
+def checkpointed_items(cfg) -> tuple[int, int]:
+    """(version, arrivals whose effect the newest checkpoint holds)."""
+    directory = Checkpoints(cfg.learner.checkpoint_dir).directory
+    manifest = json.loads((directory / (directory / "LATEST").read_text() / "manifest.json").read_text())
+    return manifest["version"], sum(sum(parts.values()) for parts in manifest["offsets"].values())
+
+
+def test_the_encoder_codes_later_items_with_a_version_the_learner_published(learner_cfg, mirflickr, p1, p1_config):
+    cfg = learner_cfg
+    first = p1_chunk_records(mirflickr, p1, p1_config, 0)[:150]
+    later = p1_chunk_records(mirflickr, p1, p1_config, 1)[:100]
+    with RoleThread(run_encoder, cfg) as encoder, RoleThread(run_learner, cfg) as learner:
+        produce_arrivals(cfg, first)
+        wait_until(lambda: learner.value("fpocmh_model_version", role="learner") >= 1, what="learner publishing v1")
+        wait_until(lambda: encoder.value("fpocmh_model_version", role="encoder") >= 1, what="encoder applying v1")
+        produce_arrivals(cfg, later)
+        later_keys = {schemas.code_key(r.item_id, m) for r in later for m in r.modalities}
+        codes = read_codes_until(cfg, later_keys)
+        published = learner.value("fpocmh_model_version", role="learner")
+
+    versions = {c.model_version for c in codes if c.key in later_keys and c.source == "encoder"}
+    assert versions and min(versions) >= 1, "items after the update carry the learner's version"
+    assert max(versions) <= published
+
+
+def test_a_restarted_learner_resumes_from_its_checkpoint_and_offsets(learner_cfg, mirflickr, p1, p1_config):
+    cfg = learner_cfg
+    before = p1_chunk_records(mirflickr, p1, p1_config, 0)[:250]
+    after = p1_chunk_records(mirflickr, p1, p1_config, 1)[:50]
+    with RoleThread(run_learner, cfg) as learner:
+        produce_arrivals(cfg, before)
+        wait_until(lambda: consumed(learner, cfg) >= len(before), what="learner reading the first items")
+    version, items = checkpointed_items(cfg)
+    assert items == len(before), "a clean stop checkpoints everything learnt"
+    assert version >= 2, "one version per 100 items, and a last one on stop"
+
+    produce_arrivals(cfg, after)
+    with RoleThread(run_learner, cfg) as resumed:
+        wait_until(lambda: consumed(resumed, cfg) >= len(after), what="resumed learner reading new items")
+        started_at = resumed.value("fpocmh_model_version", role="learner")
+    assert consumed(resumed, cfg) == len(after), "nothing before the checkpoint is learnt again"
+    assert started_at >= version
+    assert checkpointed_items(cfg) == (version + 1, len(before) + len(after))
