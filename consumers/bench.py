@@ -37,7 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sizes", type=float, nargs="+", default=[1e4, 1e5, 1e6], help="stored codes for the query latency sweep"
     )
-    parser.add_argument("--probes", type=int, default=300, help="sequential queries per store size")
+    parser.add_argument("--probes", type=int, default=300, help="sequential queries per store size and round")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="rounds of every measurement; the best round is reported (the machine is shared), all go to --json",
+    )
     parser.add_argument("--work-dir", type=Path, default=Path("runs/bench_pipeline"), help="logs of the roles")
 
 
@@ -144,7 +150,9 @@ def produce_all(cfg: Any, topic: str, messages: list[tuple[bytes, bytes, list]],
 # ------------------------------------------------------------------------------------------- ingest
 
 
-def encoder_in_process(cfg: Any, state: Any, messages: list[tuple[bytes, bytes, list]]) -> dict[str, float]:
+def encoder_in_process(
+    cfg: Any, state: Any, messages: list[tuple[bytes, bytes, list]], repeats: int
+) -> dict[str, list[float]]:
     """The encoder's work without the broker, on the same bytes: decode, hash, encode code records."""
     import torch
 
@@ -157,24 +165,29 @@ def encoder_in_process(cfg: Any, state: Any, messages: list[tuple[bytes, bytes, 
     model = model_from_state(state)
     model.eval()
     batch = cfg.encoder.batch_size
-    start = time.perf_counter()
-    for i in range(0, len(messages), batch):
-        records = [schemas.decode_arrival(v, h) for _k, v, h in messages[i : i + batch]]
-        for r in records:
-            check_dims(r, (model.image.in_dim, model.text.in_dim))
-        [schemas.encode_code(c) for c in encode_records(model, records, 0)]
-    full = len(messages) / (time.perf_counter() - start)
+    full = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for i in range(0, len(messages), batch):
+            records = [schemas.decode_arrival(v, h) for _k, v, h in messages[i : i + batch]]
+            for r in records:
+                check_dims(r, (model.image.in_dim, model.text.in_dim))
+            [schemas.encode_code(c) for c in encode_records(model, records, 0)]
+        full.append(len(messages) / (time.perf_counter() - start))
     # The MLP alone on image items, for comparison with the design note (~30,000 items/s on one core).
     images = np.stack(
         [r.image for r in (schemas.decode_arrival(v, h) for _k, v, h in messages[:20000]) if r.image is not None]
     )
-    start = time.perf_counter()
-    for i in range(0, images.shape[0], batch):
-        model.encode(images[i : i + batch], Modality.IMAGE)
-    return {"encoder_items_per_s": full, "mlp_image_items_per_s": images.shape[0] / (time.perf_counter() - start)}
+    mlp = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for i in range(0, images.shape[0], batch):
+            model.encode(images[i : i + batch], Modality.IMAGE)
+        mlp.append(images.shape[0] / (time.perf_counter() - start))
+    return {"encoder_items_per_s": full, "mlp_image_items_per_s": mlp}
 
 
-def broker_raw(cfg: Any, messages: list[tuple[bytes, bytes, list]], metrics: Any) -> float:
+def broker_raw(cfg: Any, messages: list[tuple[bytes, bytes, list]], metrics: Any, repeats: int) -> list[float]:
     """Produce -> consume items/s for the same message bytes, no processing in between."""
     from consumers.kafka import ensure_topics
 
@@ -182,18 +195,27 @@ def broker_raw(cfg: Any, messages: list[tuple[bytes, bytes, list]], metrics: Any
     ensure_topics(cfg)
     counter = Counter(cfg, cfg.topics.arrivals)
     counter.start()
+    rates = []
     try:
-        start = produce_all(cfg, cfg.topics.arrivals, messages, metrics)
-        end = counter.wait_for(len(messages), 300)
+        for r in range(1, repeats + 1):
+            start = produce_all(cfg, cfg.topics.arrivals, messages, metrics)
+            rates.append(len(messages) / (counter.wait_for(r * len(messages), 300) - start))
     finally:
         counter.halt.set()
-    return len(messages) / (end - start)
+    return rates
 
 
 def ingest(
-    cfg: Any, state: Any, messages: list[tuple[bytes, bytes, list]], encoders: int, work: Path, metrics: Any
-) -> float:
-    """Arrivals -> ``encoders`` encoder processes -> codes topic, in items/s (one code per item here)."""
+    cfg: Any,
+    state: Any,
+    messages: list[tuple[bytes, bytes, list]],
+    encoders: int,
+    work: Path,
+    metrics: Any,
+    repeats: int,
+) -> list[float]:
+    """Arrivals -> ``encoders`` encoder processes -> codes topic, in items/s (one code per item here),
+    for ``repeats`` bursts of the same messages (upserts of the same keys after the first)."""
     from consumers import settings
     from consumers.kafka import ensure_topics
     from consumers.processes import RoleProcess
@@ -212,14 +234,16 @@ def ingest(
         warm = [(k, v, h) for k, v, h in messages[:4000]]
         produce_all(cfg, cfg.topics.arrivals, warm, metrics)
         counter.wait_for(len(warm), 180)
-        time.sleep(1.0)
-        start = produce_all(cfg, cfg.topics.arrivals, messages, metrics)
-        end = counter.wait_for(len(warm) + len(messages), 600)
+        rates = []
+        for r in range(1, repeats + 1):
+            time.sleep(1.0)
+            start = produce_all(cfg, cfg.topics.arrivals, messages, metrics)
+            rates.append(len(messages) / (counter.wait_for(len(warm) + r * len(messages), 600) - start))
     finally:
         counter.halt.set()
         for role in roles:
             role.stop()
-    return len(messages) / (end - start)
+    return rates
 
 
 # -------------------------------------------------------------------------------------------- query
@@ -237,8 +261,16 @@ def read_bandwidth_gb_s() -> float:
 
 
 def query_sweep(
-    cfg: Any, state: Any, ds: Any, query_rows: np.ndarray, sizes: list[int], probes: int, work: Path, metrics: Any
-) -> list[dict[str, float]]:
+    cfg: Any,
+    state: Any,
+    ds: Any,
+    query_rows: np.ndarray,
+    sizes: list[int],
+    probes: int,
+    work: Path,
+    metrics: Any,
+    repeats: int,
+) -> list[dict[str, Any]]:
     import faiss
 
     from consumers import settings
@@ -283,11 +315,17 @@ def query_sweep(
                         raise TimeoutError(f"query store did not reach {size} codes")
                     time.sleep(0.2)
                 fill_s = time.perf_counter() - fill_start
-                times = []
-                for i in range(probes):
-                    start = time.perf_counter()
-                    client.search(Query(ds.image[query_rows[i % query_rows.size]], Modality.IMAGE, 100))
-                    times.append(time.perf_counter() - start)
+                rounds, served = [], []
+                for _ in range(repeats):
+                    times = []
+                    for i in range(probes):
+                        start = time.perf_counter()
+                        answer = client.search(Query(ds.image[query_rows[i % query_rows.size]], Modality.IMAGE, 100))
+                        times.append(time.perf_counter() - start)
+                        served.append(answer.search_seconds)
+                    ms = 1e3 * np.array(times)
+                    rounds.append((float(np.percentile(ms, 50)), float(np.percentile(ms, 99))))
+                best = min(rounds, key=lambda r: r[1])
                 index = faiss.IndexBinaryFlat(cfg.bits)
                 index.add(all_codes)
                 q_codes = all_codes[rng.integers(0, size, probes)]
@@ -296,12 +334,14 @@ def query_sweep(
                     start = time.perf_counter()
                     index.search(q[None, :], 100)
                     local.append(time.perf_counter() - start)
-                ms = 1e3 * np.array(times)
                 out.append(
                     {
                         "codes": size,
-                        "p50_ms": float(np.percentile(ms, 50)),
-                        "p99_ms": float(np.percentile(ms, 99)),
+                        "p50_ms": best[0],
+                        "p99_ms": best[1],
+                        "rounds_p50_p99_ms": rounds,
+                        # hashing + search inside the query process, median over all rounds
+                        "served_ms": float(1e3 * np.median(served)),
                         "inprocess_ms": float(1e3 * np.median(local)),
                         "bound_ms": float(1e3 * all_codes.nbytes / (bandwidth * 1e9)),
                         # produce -> codes topic -> query store, for the codes added at this step
@@ -326,7 +366,7 @@ def run(args: argparse.Namespace) -> int:
     from consumers.metrics import Metrics
     from fpocmh.commands.pipeline_args import load_config
     from fpocmh_core import config
-    from fpocmh_core.bench.report import format_table, machine, write_json
+    from fpocmh_core.bench.report import format_table, write_json
     from fpocmh_core.data import load_dataset
     from fpocmh_core.protocols import P1Config, p1_split
 
@@ -343,36 +383,46 @@ def run(args: argparse.Namespace) -> int:
     bytes_per_item = float(np.mean([len(v) + len(k) for k, v, _h in messages]))
     print(f"{len(messages)} arrivals, {bytes_per_item:.0f} bytes each on average (key + value)", flush=True)
 
-    bound = encoder_in_process(cfg, state, messages)
-    print(
-        f"encoder in-process: {bound['encoder_items_per_s']:,.0f} items/s "
-        f"(MLP alone on images: {bound['mlp_image_items_per_s']:,.0f} items/s)",
-        flush=True,
-    )
-    with connect(cfg, work) as cfg:
-        broker = broker_raw(cfg, messages, metrics)
-        print(f"broker raw produce -> consume: {broker:,.0f} items/s", flush=True)
-        one = ingest(cfg, state, messages, 1, work, metrics)
-        print(f"ingest, 1 encoder: {one:,.0f} items/s", flush=True)
-        two = ingest(cfg, state, messages, 2, work, metrics)
-        print(f"ingest, 2 encoders: {two:,.0f} items/s", flush=True)
-        sizes = [int(s) for s in sorted(args.sizes)]
-        query = query_sweep(cfg, state, ds, split.query, sizes, args.probes, work, metrics)
+    def shown(rates: list[float]) -> str:
+        return f"{max(rates):,.0f} items/s (rounds: {', '.join(f'{r:,.0f}' for r in rates)})"
 
-    lower = min(bound["encoder_items_per_s"], broker)
+    repeats = args.repeats
+    bound = encoder_in_process(cfg, state, messages, repeats)
+    print(f"encoder in-process: {shown(bound['encoder_items_per_s'])}", flush=True)
+    print(f"MLP alone, image items: {shown(bound['mlp_image_items_per_s'])}", flush=True)
+    with connect(cfg, work) as cfg:
+        broker = broker_raw(cfg, messages, metrics, repeats)
+        print(f"broker raw produce -> consume: {shown(broker)}", flush=True)
+        ones = ingest(cfg, state, messages, 1, work, metrics, repeats)
+        print(f"ingest, 1 encoder: {shown(ones)}", flush=True)
+        twos = ingest(cfg, state, messages, 2, work, metrics, repeats)
+        print(f"ingest, 2 encoders: {shown(twos)}", flush=True)
+        sizes = [int(s) for s in sorted(args.sizes)]
+        query = query_sweep(cfg, state, ds, split.query, sizes, args.probes, work, metrics, repeats)
+
+    one, two = max(ones), max(twos)
+    encoder_best, broker_best = max(bound["encoder_items_per_s"]), max(broker)
+    lower = min(encoder_best, broker_best)
     summary = {
         "bits": cfg.bits,
         "items": len(messages),
         "bytes_per_item": bytes_per_item,
+        "repeats": repeats,
         "ingest_items_per_s": one,
-        "encoder_items_per_s": bound["encoder_items_per_s"],
-        "mlp_image_items_per_s": bound["mlp_image_items_per_s"],
-        "broker_items_per_s": broker,
+        "encoder_items_per_s": encoder_best,
+        "mlp_image_items_per_s": max(bound["mlp_image_items_per_s"]),
+        "broker_items_per_s": broker_best,
         "ingest_share_of_lower_bound": one / lower,
         "two_encoder_items_per_s": two,
         "two_encoder_ratio": two / one,
+        "rounds": {
+            "ingest_items_per_s": ones,
+            "two_encoder_items_per_s": twos,
+            "encoder_items_per_s": bound["encoder_items_per_s"],
+            "mlp_image_items_per_s": bound["mlp_image_items_per_s"],
+            "broker_items_per_s": broker,
+        },
         "query": query,
-        "machine": machine(),
     }
     print()
     print(
@@ -380,13 +430,13 @@ def run(args: argparse.Namespace) -> int:
             [
                 {"measure": "ingest via broker, 1 encoder", "items/s": one, "share of lower bound": one / lower},
                 {"measure": "ingest via broker, 2 encoders", "items/s": two, "share of lower bound": two / lower},
-                {"measure": "bound: encoder in-process", "items/s": bound["encoder_items_per_s"]},
-                {"measure": "bound: broker produce->consume", "items/s": broker},
+                {"measure": "bound: encoder in-process", "items/s": encoder_best},
+                {"measure": "bound: broker produce->consume", "items/s": broker_best},
             ],
             ["measure", "items/s", "share of lower bound"],
         )
     )
-    print(f"two encoders / one: {two / one:.2f}")
+    print(f"two encoders / one: {two / one:.2f}   (best of {repeats} rounds each; every round in --json)")
     print()
     print(
         format_table(
@@ -394,5 +444,5 @@ def run(args: argparse.Namespace) -> int:
             ["codes", "p50_ms", "p99_ms", "inprocess_ms", "bound_ms", "inprocess/bound"],
         )
     )
-    write_json(args.json, query, **{k: v for k, v in summary.items() if k != "machine"})
+    write_json(args.json, query, **summary)
     return 0

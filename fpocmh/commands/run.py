@@ -56,6 +56,10 @@ def version_zero(cfg: Any, ds: Any, split: Any, p1cfg: Any) -> Path:
         print(f"version 0: reusing {directory}", flush=True)
         return directory
     print(f"version 0: training {cfg.method} ({cfg.bits} bits) on {split.offline.size} offline pairs", flush=True)
+    import torch
+
+    # As many threads as the learner gets: on a shared machine, more threads than free cores is slower.
+    torch.set_num_threads(cfg.learner.threads)
     start = time.monotonic()
     overrides = json.loads(json.dumps(to_dict(cfg.learner.bootstrap_overrides)))
     learner = learner_class(cfg.method).bootstrap(ds, split.offline, cfg.bits, overrides, progress=True)
@@ -168,7 +172,10 @@ def run(args: argparse.Namespace) -> int:
     metrics.serve(cfg.replay.metrics_port)
 
     with connect(cfg, work) as cfg:
-        learner = dataclasses.replace(cfg.learner, checkpoint_dir=str(work / "learner"), init=str(v0))
+        # The run's learner starts from version 0 and keeps only its newest checkpoint (~30 MB each).
+        learner = dataclasses.replace(
+            cfg.learner, checkpoint_dir=str(work / "learner"), init=str(v0), keep_checkpoints=1
+        )
         cfg = dataclasses.replace(cfg, learner=learner)
         ensure_topics(cfg)
         config_path = settings.dump(cfg, work / "pipeline.yaml")

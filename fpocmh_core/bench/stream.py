@@ -274,33 +274,41 @@ def _summary(bits: int, results: list[dict[str, Any]], arms: dict[str, Arm]) -> 
 
 
 def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Top row: stored-code mAP per method. Bottom row (with ``frozen`` in the run): the same minus frozen's,
+    where the online learners' differences, small against CCA's gap, can be read."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     methods = list(dict.fromkeys(r["method"] for r in results))
-    for ax, key, name in ((axes[0], "i2t", "I->T"), (axes[1], "t2i", "T->I")):
-        for method in methods:
-            rs = sorted((r for r in results if r["method"] == method), key=lambda r: r["chunk"])
-            xs = [r["chunk"] + 1 for r in rs]
-            (line,) = ax.plot(xs, [r[key] for r in rs], marker="o", ms=3, label=f"{method} (stored codes)")
-            if method == "retrain":
-                ax.plot(
-                    xs,
-                    [r[f"{key}_rehashed"] for r in rs],
-                    ls="--",
-                    color=line.get_color(),
-                    label="retrain (database re-hashed)",
-                )
-        ax.set_title(f"{name}, stored database codes")
-        ax.set_xlabel("chunks streamed (0 = offline part only)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("mAP")
-    axes[1].legend(fontsize=8, loc="lower left")
+    series = {m: sorted((r for r in results if r["method"] == m), key=lambda r: r["chunk"]) for m in methods}
+    rows = 2 if "frozen" in series else 1
+    fig, axes = plt.subplots(rows, 2, figsize=(11, 4.2 * rows), squeeze=False)
+    colours = {m: f"C{i}" for i, m in enumerate(methods)}
+    for col, (key, name) in enumerate((("i2t", "I->T"), ("t2i", "T->I"))):
+        for row in range(rows):
+            ax = axes[row][col]
+            base = [r[key] for r in series["frozen"]] if row else None
+            for method, rs in series.items():
+                if row and method in ("frozen", "cca"):
+                    continue
+                xs = [r["chunk"] + 1 for r in rs]
+                lines = [(f"{method} (stored codes)", [r[key] for r in rs], "-")]
+                if method == "retrain":
+                    lines.append(("retrain (database re-hashed)", [r[f"{key}_rehashed"] for r in rs], "--"))
+                for label, ys, style in lines:
+                    ys = [y - b for y, b in zip(ys, base, strict=True)] if base else ys
+                    ax.plot(xs, ys, ls=style, marker="o", ms=3, color=colours[method], label=label)
+            ax.set_title(f"{name}, stored database codes" + (", minus frozen" if row else ""))
+            ax.set_xlabel("chunks streamed (0 = offline part only)")
+            ax.set_ylabel("mAP difference" if row else "mAP")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+            if row:
+                ax.axhline(0.0, color=colours["frozen"], lw=1)
+    axes[0][1].legend(fontsize=8, loc="lower left")
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
