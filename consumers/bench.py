@@ -53,15 +53,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def tagged(cfg: Any, tag: str) -> Any:
-    """``cfg`` with topics and groups of its own, so measurements never see each other's messages."""
+    """``cfg`` with topics and groups of its own, so measurements never see each other's messages.
+    Its roles serve no metrics: the benchmark measures them itself, and copies would share a port."""
     from consumers.settings import Topics
 
     topics = Topics(**{f.name: f"{getattr(cfg.topics, f.name)}.{tag}" for f in dataclasses.fields(Topics)})
     return dataclasses.replace(
         cfg,
         topics=topics,
-        encoder=dataclasses.replace(cfg.encoder, group=f"{cfg.encoder.group}.{tag}"),
-        query=dataclasses.replace(cfg.query, group=f"{cfg.query.group}.{tag}"),
+        encoder=dataclasses.replace(cfg.encoder, group=f"{cfg.encoder.group}.{tag}", metrics_port=0),
+        query=dataclasses.replace(cfg.query, group=f"{cfg.query.group}.{tag}", metrics_port=0),
+        learner=dataclasses.replace(cfg.learner, metrics_port=0),
+        replay=dataclasses.replace(cfg.replay, metrics_port=0),
     )
 
 

@@ -210,8 +210,7 @@ class LearnerRole:
             m.learner_steps.labels(modality).inc(report.steps.get(modality, 0))
         for term, value in report.losses.items():
             m.learner_loss.labels(term).set(value)
-        if report.bank_rows is not None:
-            m.bank_rows.set(report.bank_rows)
+        show_bank_rows(self.learner, m)
         present = {r.item_id: r.modalities for r in records}
         for code in report.codes:
             msg = schemas.CodeMessage(
@@ -267,6 +266,11 @@ class LearnerRole:
             self._commit(offsets)
 
 
+def show_bank_rows(learner: OnlineLearner, metrics: Metrics) -> None:
+    if learner.bank_rows is not None:
+        metrics.bank_rows.set(learner.bank_rows)
+
+
 def initial_learner(cfg: PipelineConfig, data: str | None) -> tuple[OnlineLearner, Offsets, bool]:
     """(learner, offsets, resumed): the newest checkpoint, else ``learner.init``, else version 0 trained
     on the P1 offline part of ``data``."""
@@ -305,6 +309,8 @@ def run_learner(
     """Resume or start the learner, publish the version it starts from, then learn until ``stop``."""
     torch.set_num_threads(cfg.learner.threads)
     learner, offsets, resumed = initial_learner(cfg, data)
+    # From start-up on, and kept after the stop: the gauge is the bank the role holds.
+    show_bank_rows(learner, metrics)
     checkpoints = Checkpoints(cfg.learner.checkpoint_dir, cfg.learner.keep_checkpoints)
     rt = Runtime(cfg, "learner", metrics, stop)
     publisher = Publisher(cfg, metrics, checkpoints)

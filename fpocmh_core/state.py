@@ -83,8 +83,9 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
     return json.loads(data[8 : 8 + n]).get("__metadata__", {})
 
 
-def save_checkpoint(state: ModelState, directory: Path, manifest: Mapping[str, Any] | None = None) -> Path:
+def save_checkpoint(state: ModelState, directory: str | Path, manifest: Mapping[str, Any] | None = None) -> Path:
     """Write ``state.safetensors`` and ``manifest.json`` (version, checksum and ``manifest`` extras)."""
+    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     body = state.to_bytes()
     tmp = directory / "state.safetensors.tmp"
@@ -104,7 +105,8 @@ def save_checkpoint(state: ModelState, directory: Path, manifest: Mapping[str, A
     return directory
 
 
-def load_checkpoint(directory: Path) -> tuple[ModelState, dict[str, Any]]:
+def load_checkpoint(directory: str | Path) -> tuple[ModelState, dict[str, Any]]:
+    directory = Path(directory)
     manifest_path = directory / "manifest.json"
     if not manifest_path.is_file():
         raise StateError(f"{directory}: no manifest.json; not a checkpoint folder")

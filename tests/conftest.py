@@ -64,6 +64,8 @@ def pipeline_cfg(kafka_bootstrap, tmp_path):
         "encoder.poll_timeout_s=0.05",
         "learner.poll_timeout_s=0.05",
     ]
+    # No /metrics servers: tests read their Metrics objects directly, and ports would clash across tests.
+    sets += [f"{section}.metrics_port=0" for section in ("encoder", "learner", "query", "replay")]
     cfg = settings.load(None, sets, kafka_bootstrap, environ={})
     ensure_topics(cfg)
     return cfg

@@ -16,9 +16,9 @@ from pipeline_support import RoleThread, produce_arrivals, read_codes_until, wai
 from consumers.encoder import run_encoder
 from consumers.learner import Checkpoints, run_learner
 from fpocmh_core import schemas
-from fpocmh_core.learners.registry import learner_class
+from fpocmh_core.learners.registry import learner_class, learner_from_state
 from fpocmh_core.protocols import p1_chunk_records
-from fpocmh_core.state import save_checkpoint
+from fpocmh_core.state import load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.broker
 
@@ -87,3 +87,15 @@ def test_a_restarted_learner_resumes_from_its_checkpoint_and_offsets(learner_cfg
     assert consumed(resumed, cfg) == len(after), "nothing before the checkpoint is learnt again"
     assert started_at >= version
     assert checkpointed_items(cfg) == (version + 1, len(before) + len(after))
+
+
+def test_the_bank_size_gauge_shows_the_held_bank_from_start_up_to_after_the_stop(learner_cfg):
+    cfg = learner_cfg
+    state, _manifest = load_checkpoint(cfg.learner.init)
+    rows = learner_from_state(state).bank_rows
+    if rows is None:
+        pytest.skip(f"{cfg.method} keeps no anchor bank")
+    with RoleThread(run_learner, cfg) as learner:
+        wait_until(lambda: learner.value("fpocmh_model_updates_total", role="learner") >= 1, what="version 0 out")
+        assert learner.value("fpocmh_bank_rows") == rows > 0, "set from the restored state, before any arrival"
+    assert learner.value("fpocmh_bank_rows") == rows, "a stop does not reset it"

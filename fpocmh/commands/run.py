@@ -146,6 +146,17 @@ def published_versions(checkpoint_dir: Path) -> int | None:
     return int(pointer.read_text().strip().lstrip("v")) + 1 if pointer.is_file() else None
 
 
+def metrics_line(cfg: Any) -> str:
+    ports = {
+        "run": cfg.replay.metrics_port,
+        "encoder": cfg.encoder.metrics_port,
+        "learner": cfg.learner.metrics_port,
+        "query": cfg.query.metrics_port,
+    }
+    served = [f"{name} http://127.0.0.1:{port}/metrics" for name, port in ports.items() if port]
+    return "metrics: " + (", ".join(served) if served else "off (every metrics_port is 0)")
+
+
 def run(args: argparse.Namespace) -> int:
     from consumers import settings
     from consumers.kafka import connect, ensure_topics
@@ -184,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
             for name in ("learn", "encode", "serve-queries")
         ]
         print(f"roles started (logs in {work}); bootstrap {cfg.bootstrap_servers}", flush=True)
+        print(metrics_line(cfg), flush=True)
         client = None
         try:
             client = QueryClient(cfg, metrics=metrics, stop=stop)

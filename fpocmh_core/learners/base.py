@@ -35,7 +35,6 @@ class LearnReport:
     steps: dict[str, int] = field(default_factory=lambda: {"img": 0, "txt": 0})
     losses: dict[str, float] = field(default_factory=dict)
     codes: list[CodeRecord] = field(default_factory=list)
-    bank_rows: int | None = None
 
 
 class OnlineLearner(ABC):
@@ -51,6 +50,11 @@ class OnlineLearner(ABC):
     @property
     def bits(self) -> int:
         return self.model.bits
+
+    @property
+    def bank_rows(self) -> int | None:
+        """Rows (categories) of the learner's anchor bank; None for methods without one."""
+        return None
 
     @abstractmethod
     def learn(self, batch: Sequence[ItemRecord]) -> LearnReport:

@@ -131,6 +131,10 @@ class FpocmhLearner(OnlineLearner):
         self.steps = {m: 0 for m in MODALITIES}
         self.rng_state = common.seeded_rng_state(cfg.seed)
 
+    @property
+    def bank_rows(self) -> int:
+        return len(self.bank)
+
     # ----------------------------------------------------------------- construction
     @classmethod
     def from_offline(
@@ -193,7 +197,6 @@ class FpocmhLearner(OnlineLearner):
             "weight": totals["weight"] / max(totals["views"], 1.0),
             "rehearsal": totals["rehearsal"] / max(sum(report.steps.values()), 1),
         }
-        report.bank_rows = len(self.bank)
         return report
 
     def _step_points(self, items: list[ItemRecord]) -> list[tuple[int, tuple[Modality, ...]]]:
