@@ -58,6 +58,10 @@ def unimodal_stream(ds: CrossModalDataset, rows, labelled: bool = True, chunk: i
     return out
 
 
+def features(ds: CrossModalDataset, modality: Modality) -> np.ndarray:
+    return ds.image if modality is IMG else ds.text
+
+
 def params(learner: FpocmhLearner, modality: Modality) -> list[torch.Tensor]:
     return [p.detach().clone() for p in learner.model.net(modality).parameters()]
 
@@ -73,6 +77,10 @@ def ds() -> CrossModalDataset:
 
 OFFLINE = np.arange(120)
 STREAM = np.arange(120, 240)
+# Learning rates at which the networks move a lot on these streams, so that what holds codes shows.
+FAST = {"optimizer.lr_image": 0.2, "optimizer.lr_text": 0.2}
+REAL_FAST = {"optimizer.lr_image": 0.05, "optimizer.lr_text": 0.05}
+NO_CODE_REHEARSAL = {"code_rehearsal.items": 0}
 
 
 # --- the anchor bank ---------------------------------------------------------------------------
@@ -209,9 +217,7 @@ def test_rehearsal_keeps_the_initial_anchors_codes(ds):
     """With a large learning rate the anchors' codes drift away from the offline ones unless rehearsed."""
     agreement = {}
     for gamma in (0.0, 10.0):
-        learner = make_learner(
-            ds, OFFLINE, gamma=gamma, logit_scale=10.0, **{"optimizer.lr_image": 0.2, "optimizer.lr_text": 0.2}
-        )
+        learner = make_learner(ds, OFFLINE, gamma=gamma, logit_scale=10.0, **{**NO_CODE_REHEARSAL, **FAST})
         learner.learn(unimodal_stream(ds, STREAM))
         bank, model = learner.bank, learner.model
         now = {m: codes.sign_codes(model.relaxed(bank.initial_feat[m], m)) for m in MODALITIES}
@@ -226,6 +232,44 @@ def test_gamma_weighs_the_rehearsal_loss(ds):
         learner = make_learner(ds, OFFLINE, gamma=gamma, mu=4)
         losses[gamma] = learner.learn(unimodal_stream(ds, STREAM[:2])).losses["rehearsal"]
     assert losses[3.0] == pytest.approx(3.0 * losses[1.0], rel=1e-5)
+
+
+def test_stored_code_sample_is_a_seeded_offline_sample_with_the_codes_the_offline_model_stored(ds):
+    model = HashModel.create(ds.dims, 16, hidden=(32,), dropout=0.5, seed=0)
+    cfg = load_config(overrides={"code_rehearsal.items": 50})
+    first = FpocmhLearner.from_offline(copy.deepcopy(model), ds, OFFLINE, cfg)
+    second = FpocmhLearner.from_offline(copy.deepcopy(model), ds, OFFLINE, cfg)
+    for m in MODALITIES:
+        feats, stored = first.replay[m]
+        assert feats.shape == (50, ds.dims[m is TXT]) and stored.shape == (50, 16)
+        np.testing.assert_array_equal(feats, second.replay[m][0])
+        # Eval mode (no dropout): exactly the codes an encoder wrote for these items.
+        np.testing.assert_array_equal(stored, codes.sign_codes(model.relaxed(feats.astype(np.float32), m)))
+    sample = first.replay[IMG][0].astype(np.float32)
+    nearest = ds.image[OFFLINE][((sample[:, None] - ds.image[OFFLINE][None]) ** 2).sum(-1).argmin(1)]
+    np.testing.assert_allclose(sample, nearest, rtol=1e-3, atol=1e-3)  # offline items, to float16 precision
+    everything = FpocmhLearner.from_offline(copy.deepcopy(model), ds, OFFLINE, load_config())
+    assert len(everything.replay[IMG][0]) == len(OFFLINE), "never more items than the offline part has"
+    assert FpocmhLearner.from_offline(model, ds, OFFLINE, load_config(overrides=NO_CODE_REHEARSAL)).replay == {}
+
+
+def test_code_rehearsal_loss_is_reported_only_when_it_is_on(ds):
+    on = make_learner(ds, OFFLINE).learn(unimodal_stream(ds, STREAM[:8])).losses
+    off = make_learner(ds, OFFLINE, **NO_CODE_REHEARSAL).learn(unimodal_stream(ds, STREAM[:8])).losses
+    assert on["replay"] > 0 and "replay" not in off
+
+
+def test_code_rehearsal_keeps_the_stored_codes_of_offline_items(ds):
+    """At a learning rate where the networks move, fitting a sample of offline items to their stored
+    codes keeps more of the offline part's codes (what the database holds) unchanged."""
+    kept = {}
+    for items in (0, 1024):
+        learner = make_learner(ds, OFFLINE, **{"code_rehearsal.items": items, **FAST})
+        before = {m: learner.encode(features(ds, m)[OFFLINE], m) for m in MODALITIES}
+        learner.learn(unimodal_stream(ds, STREAM))
+        after = {m: learner.encode(features(ds, m)[OFFLINE], m) for m in MODALITIES}
+        kept[items] = 1 - np.mean([codes.bit_drift(before[m], after[m]) for m in MODALITIES])
+    assert kept[1024] > kept[0] + 0.03
 
 
 # --- state and purity ---------------------------------------------------------------------------
@@ -316,9 +360,7 @@ def test_rehearsal_protects_stored_code_retrieval_on_a_real_stream(mirflickr, p1
     stored_txt = small_offline_model.encode(mirflickr.text[offline], TXT)
     scores = {}
     for gamma in (0.0, 20.0):
-        cfg = load_config(
-            overrides={"gamma": gamma, "logit_scale": 10.0, "optimizer.lr_image": 0.05, "optimizer.lr_text": 0.05}
-        )
+        cfg = load_config(overrides={"gamma": gamma, "logit_scale": 10.0, **NO_CODE_REHEARSAL, **REAL_FAST})
         learner = FpocmhLearner.from_offline(copy.deepcopy(small_offline_model), mirflickr, offline, cfg)
         learner.learn(stream)
         queries = learner.encode(mirflickr.image[query], IMG)
@@ -326,3 +368,22 @@ def test_rehearsal_protects_stored_code_retrieval_on_a_real_stream(mirflickr, p1
             queries, stored_txt, mirflickr.labels[query], mirflickr.labels[offline]
         )
     assert scores[20.0] > scores[0.0] + 0.01
+
+
+def test_code_rehearsal_protects_stored_code_retrieval_on_a_real_stream(mirflickr, p1, p1_config, small_offline_model):
+    """The same stream and rate with the paper's anchor rehearsal on: adding stored-code rehearsal keeps
+    image queries from the moved networks matching the texts coded by the offline model."""
+    offline = p1.offline[:1500]
+    stream = p1_chunk_records(mirflickr, p1, p1_config, 0)[:512]
+    query = p1.query[:400]
+    stored_txt = small_offline_model.encode(mirflickr.text[offline], TXT)
+    scores = {}
+    for items in (0, 1024):
+        cfg = load_config(overrides={"logit_scale": 10.0, "code_rehearsal.items": items, **REAL_FAST})
+        learner = FpocmhLearner.from_offline(copy.deepcopy(small_offline_model), mirflickr, offline, cfg)
+        learner.learn(stream)
+        queries = learner.encode(mirflickr.image[query], IMG)
+        scores[items] = evaluation.mean_average_precision(
+            queries, stored_txt, mirflickr.labels[query], mirflickr.labels[offline]
+        )
+    assert scores[1024] > scores[0] + 0.01

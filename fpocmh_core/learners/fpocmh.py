@@ -24,6 +24,16 @@ Deviations from the official code (A7), deliberate:
 - separate feature spaces: targets from the item's category distribution (config/fpocmh.yaml), and
   a similarity scale re-chosen for those spaces (30; the paper's 100 is CLIP's);
 - ``logit_scale`` multiplies the hash-side cosines (1 = the paper, the default).
+
+Addition to the paper, on by default (``code_rehearsal.items: 0`` turns it off): stored-code
+rehearsal. The paper's rehearsal holds the K initial anchors to their initial codes, K points (24 here)
+in a 1,000-dimensional input space, which pins little of the function the database codes were written
+with: at the paper's learning rate the networks barely move, and at a rate where they learn from the
+stream the drift eats the gain. So each step also fits a fixed, seeded sample of the offline items'
+features to the codes the offline model stored for them (``sign(f0(x))``, eval mode), the compatibility
+idea of backward-compatible training (Shen et al., "Towards Backward-Compatible Representation
+Learning", CVPR 2020) applied to hash codes. With it the default learning rate is 30x the paper's;
+README "FPO-CMH on the P1 stream" has both settings measured side by side.
 """
 
 from __future__ import annotations
@@ -52,6 +62,20 @@ _ABSENT = -1e9
 
 
 @dataclass(frozen=True)
+class CodeRehearsalConfig:
+    """Stored-code rehearsal (see the module docstring): ``items`` offline items kept with their stored
+    codes, ``batch`` of them drawn at every optimiser step, their squared error weighted by ``weight``."""
+
+    items: int
+    batch: int
+    weight: float
+
+    def __post_init__(self) -> None:
+        if self.items < 0 or self.batch < 1 or self.weight < 0:
+            raise config.ConfigError("fpocmh: code_rehearsal needs items >= 0, batch >= 1, weight >= 0")
+
+
+@dataclass(frozen=True)
 class FpocmhConfig:
     seed: int
     bits: int
@@ -67,6 +91,7 @@ class FpocmhConfig:
     gamma: float
     phi: float
     is_accessible_bank_count: int
+    code_rehearsal: CodeRehearsalConfig
     optimizer: common.OptimizerConfig
     offline: dict[str, Any]
 
@@ -116,6 +141,7 @@ class FpocmhLearner(OnlineLearner):
         cfg: FpocmhConfig,
         space: str,
         vocabulary: np.ndarray | None = None,
+        replay: Mapping[Modality, tuple[np.ndarray, np.ndarray]] | None = None,
     ) -> None:
         super().__init__(model)
         if space not in ("separate", "joint"):
@@ -123,6 +149,8 @@ class FpocmhLearner(OnlineLearner):
         if vocabulary is not None and space != "joint":
             raise ValueError("zero-shot category embeddings need joint-space features")
         self.cfg, self.space, self.bank, self.vocabulary = cfg, space, bank, vocabulary
+        # Per modality: (features, stored codes in {-1, 1}) of the stored-code rehearsal sample.
+        self.replay = {m: (np.asarray(replay[m][0]), np.asarray(replay[m][1])) for m in MODALITIES} if replay else {}
         self.model.eval()
         self.model.zero_grad(set_to_none=True)  # whatever offline training left behind is not online gradient
         lrs = {Modality.IMAGE: cfg.optimizer.lr_image, Modality.TEXT: cfg.optimizer.lr_text}
@@ -160,7 +188,7 @@ class FpocmhLearner(OnlineLearner):
         bank.set_rehearsal_targets(
             {m: codes.sign_codes(model.relaxed(bank.initial_feat[m], m)).astype(np.float32) for m in MODALITIES}
         )
-        return cls(model, bank, cfg, space, vocab)
+        return cls(model, bank, cfg, space, vocab, stored_code_sample(model, feats, cfg))
 
     @classmethod
     def bootstrap(
@@ -178,7 +206,15 @@ class FpocmhLearner(OnlineLearner):
     def learn(self, batch: Sequence[ItemRecord]) -> LearnReport:
         items = [rec for rec in batch if rec.chunk != -1]
         report = LearnReport(items=len(items))
-        totals = {"intra": 0.0, "inter": 0.0, "weight": 0.0, "rehearsal": 0.0, "views": 0.0, "weighted": 0.0}
+        totals = {
+            "intra": 0.0,
+            "inter": 0.0,
+            "weight": 0.0,
+            "rehearsal": 0.0,
+            "replay": 0.0,
+            "views": 0.0,
+            "weighted": 0.0,
+        }
         pending: dict[Modality, list[_Targets]] = {m: [] for m in MODALITIES}
         with common.private_rng(self):
             start = 0
@@ -197,6 +233,8 @@ class FpocmhLearner(OnlineLearner):
             "weight": totals["weight"] / max(totals["views"], 1.0),
             "rehearsal": totals["rehearsal"] / max(sum(report.steps.values()), 1),
         }
+        if self.replay:
+            report.losses["replay"] = totals["replay"] / max(sum(report.steps.values()), 1)
         return report
 
     def _step_points(self, items: list[ItemRecord]) -> list[tuple[int, tuple[Modality, ...]]]:
@@ -272,18 +310,30 @@ class FpocmhLearner(OnlineLearner):
         if not tgts and not step:
             return 0.0
         net = self.model.net(m)
-        inputs = [t.x for t in tgts] + (list(self.bank.initial_feat[m]) if step else [])
+        inputs = [t.x for t in tgts]
+        replay_codes = None
+        if step:
+            inputs += list(self.bank.initial_feat[m])
+            if self.replay:
+                replay_x, replay_codes = self._replay_batch(m)
+                inputs += list(replay_x)
         net.train()
-        out = net(torch.from_numpy(np.stack(inputs)))
+        out = net(torch.from_numpy(np.stack(inputs).astype(np.float32, copy=False)))
         net.eval()
         loss = torch.zeros(())
         if tgts:
             loss = loss + self._stream_loss(out[: len(tgts)], tgts, totals)
         rehearsal = torch.zeros(())
         if step:
+            anchors = len(self.bank.initial_feat[m])
+            at = len(tgts)
             targets = torch.from_numpy(self.bank.rehearsal_targets[m])
-            rehearsal = self.cfg.gamma * ((out[len(tgts) :] - targets) ** 2).mean()
+            rehearsal = self.cfg.gamma * ((out[at : at + anchors] - targets) ** 2).mean()
             loss = loss + rehearsal
+            if replay_codes is not None:
+                replayed = ((out[at + anchors :] - torch.from_numpy(replay_codes)) ** 2).mean()
+                totals["replay"] += float(replayed.detach())
+                loss = loss + self.cfg.code_rehearsal.weight * replayed
         loss.backward()
         tgts.clear()
         if step:
@@ -292,6 +342,12 @@ class FpocmhLearner(OnlineLearner):
             self.window[m] = 0
             self.steps[m] += 1
         return float(rehearsal.detach())
+
+    def _replay_batch(self, m: Modality) -> tuple[np.ndarray, np.ndarray]:
+        """``code_rehearsal.batch`` rows of the stored-code sample, drawn with the learner's own RNG."""
+        feats, stored = self.replay[m]
+        take = torch.randperm(len(feats))[: self.cfg.code_rehearsal.batch].numpy()
+        return feats[take], stored[take].astype(np.float32)
 
     def _stream_loss(self, out: torch.Tensor, tgts: list[_Targets], totals: dict[str, float]) -> torch.Tensor:
         """Sum over items of w * (alpha * L_intra + beta * L_inter) / mu, against code-tier snapshots."""
@@ -331,6 +387,9 @@ class FpocmhLearner(OnlineLearner):
             tensors.update(common.grad_tensors(self.model.net(m), f"grad.{m.short}"))
         if self.vocabulary is not None:
             tensors["vocabulary"] = self.vocabulary
+        for m, (feats, stored) in self.replay.items():
+            tensors[f"replay.feat.{m.short}"] = feats
+            tensors[f"replay.code.{m.short}"] = stored
         meta = {
             "arch": self.model.arch(),
             "config": config.to_dict(self.cfg),
@@ -346,7 +405,12 @@ class FpocmhLearner(OnlineLearner):
         model = HashModel.from_tensors(state.meta["arch"], state.subset("model"))
         bank = AnchorBank.from_tensors(state.subset("bank"), cfg.is_accessible_bank_count)
         vocab = np.array(state.tensors["vocabulary"]) if "vocabulary" in state.tensors else None
-        learner = cls(model, bank, cfg, state.meta["feature_space"], vocab)
+        replay = {
+            m: (np.array(state.tensors[f"replay.feat.{m.short}"]), np.array(state.tensors[f"replay.code.{m.short}"]))
+            for m in MODALITIES
+            if f"replay.feat.{m.short}" in state.tensors
+        }
+        learner = cls(model, bank, cfg, state.meta["feature_space"], vocab, replay)
         for m in MODALITIES:
             common.load_optimizer_tensors(learner.optimizers[m], state.subset(f"optim.{m.short}"))
             common.load_grad_tensors(model.net(m), state.subset(f"grad.{m.short}"))
@@ -355,6 +419,22 @@ class FpocmhLearner(OnlineLearner):
         learner.rng_state = torch.from_numpy(np.array(state.tensors["rng"]))
         learner.version, learner.parent_version = state.version, state.parent_version
         return learner
+
+
+def stored_code_sample(
+    model: HashModel, feats: Mapping[Modality, np.ndarray], cfg: FpocmhConfig
+) -> dict[Modality, tuple[np.ndarray, np.ndarray]]:
+    """A seeded sample of the offline items, per modality: features (float16, which holds both kinds of
+    feature here to ~3 digits and halves the state) and the codes the offline model stored (int8 +-1)."""
+    n = min(cfg.code_rehearsal.items, *(len(x) for x in feats.values()))
+    if n == 0:
+        return {}
+    rows = np.sort(np.random.default_rng(cfg.seed).choice(len(feats[Modality.IMAGE]), n, replace=False))
+    out = {}
+    for m in MODALITIES:
+        x = np.asarray(feats[m][rows], dtype=np.float32)
+        out[m] = (x.astype(np.float16), codes.sign_codes(model.relaxed(x, m)).astype(np.int8))
+    return out
 
 
 def zero_shot(x: np.ndarray, vocabulary: np.ndarray | None, scale: float, theta: float) -> np.ndarray | None:
