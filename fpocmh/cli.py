@@ -7,9 +7,10 @@ and ``run(args) -> int``; heavy imports stay inside ``run`` so that ``--help`` i
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
+
+from fpocmh.commands.registry import Formatter, add_commands
 
 # name -> module; the order is the order of ``fpocmh --help``.
 COMMANDS = {
@@ -26,10 +27,6 @@ COMMANDS = {
 }
 
 
-class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fpocmh",
@@ -37,17 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=Formatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, module_name in COMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue
-        p = sub.add_parser(name, help=module.HELP, description=module.HELP, formatter_class=Formatter)
-        module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+    add_commands(parser, COMMANDS, dest="command", metavar="COMMAND", run_attr="_run")
     return parser
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import importlib
+
+from fpocmh.commands.registry import add_commands
 
 HELP = "run a benchmark (offline, stream, lifelong, pipeline) and print/write its table"
 
@@ -16,19 +17,7 @@ BENCHES = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fpocmh.cli import Formatter
-
-    sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    for name, module_name in BENCHES.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue
-        p = sub.add_parser(name, help=module.HELP, description=module.HELP, formatter_class=Formatter)
-        module.add_arguments(p)
-        p.set_defaults(_bench=module.run)
+    add_commands(parser, BENCHES, dest="bench", metavar="BENCH", run_attr="_bench")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from fpocmh.commands.pipeline_args import add_pipeline_arguments, load_config, require_broker, role_setup
+
+if TYPE_CHECKING:
+    from producers.replay import ChunkScore
 
 HELP = "replay protocol P1 as a partial-modal arrival stream at a set rate; --score: live mAP per chunk"
 
@@ -31,12 +36,19 @@ def p1_overrides(args: argparse.Namespace) -> dict[str, float]:
     }
 
 
+def score_printer(k: int) -> Callable[[ChunkScore], None]:
+    """``replay_p1``'s ``on_chunk``: each chunk's live mAP@k line, printed as soon as it is measured."""
+    from producers.replay import format_score
+
+    return lambda score: print(format_score(score, k), flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     from consumers.query import QueryClient
     from fpocmh_core import config
     from fpocmh_core.data import load_dataset
     from fpocmh_core.protocols import P1Config, p1_split
-    from producers.replay import format_score, replay_p1
+    from producers.replay import replay_p1
 
     sets = [f"replay.rate={args.rate}"] if args.rate is not None else []
     sets += ["replay.offline=false"] if args.no_offline else []
@@ -49,15 +61,7 @@ def run(args: argparse.Namespace) -> int:
     client = QueryClient(cfg, metrics=metrics, stop=stop) if args.score else None
     try:
         report, _scores = replay_p1(
-            cfg,
-            ds,
-            split,
-            p1cfg,
-            metrics,
-            stop,
-            client,
-            progress=not args.quiet,
-            on_chunk=lambda s: print(format_score(s, cfg.replay.score_topk), flush=True),
+            cfg, ds, split, p1cfg, metrics, stop, client, not args.quiet, score_printer(cfg.replay.score_topk)
         )
     finally:
         if client is not None:

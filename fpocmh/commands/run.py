@@ -164,11 +164,11 @@ def run(args: argparse.Namespace) -> int:
     from consumers.processes import RoleProcess
     from consumers.query import QueryClient
     from consumers.runtime import install_signal_handlers
-    from fpocmh.commands.replay import p1_overrides
+    from fpocmh.commands.replay import p1_overrides, score_printer
     from fpocmh_core import config
     from fpocmh_core.data import load_dataset
     from fpocmh_core.protocols import P1Config, p1_split
-    from producers.replay import format_score, replay_p1
+    from producers.replay import replay_p1
 
     wall = time.monotonic()
     cfg = load_config(args, *([f"replay.rate={args.rate}"] if args.rate is not None else []))
@@ -203,15 +203,7 @@ def run(args: argparse.Namespace) -> int:
                 print("interrupted before the query consumer was serving")
                 return 130
             report, scores = replay_p1(
-                cfg,
-                ds,
-                split,
-                p1cfg,
-                metrics,
-                stop,
-                client,
-                progress=not args.quiet,
-                on_chunk=lambda s: print(format_score(s, cfg.replay.score_topk), flush=True),
+                cfg, ds, split, p1cfg, metrics, stop, client, not args.quiet, score_printer(cfg.replay.score_topk)
             )
             if stop.is_set():
                 print("interrupted: " + report.summary())
