@@ -105,6 +105,12 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads exponents without a dot ("1e-3") as strings; users mean the number.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     # bool is a subclass of int, but `true` is never a count
     if tp in (int, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):

@@ -45,6 +45,11 @@ def test_set_style_overrides_are_parsed_as_yaml():
     assert (cfg.new_labels, cfg.increments) == (("sky", "sea"), 2)
 
 
+def test_an_exponent_without_a_dot_is_a_number_though_yaml_reads_a_string():
+    assert config.parse_overrides(["label_share=1e-1"]) == {"label_share": "1e-1"}  # YAML 1.1
+    assert config.load(P1Config, "p1", overrides=config.parse_overrides(["label_share=1e-1"])).label_share == 0.1
+
+
 def test_an_override_without_equals_sign_is_refused():
     with pytest.raises(ConfigError, match="override 'n_chunks': expected key=value"):
         config.parse_overrides(["n_chunks"])
