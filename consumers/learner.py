@@ -36,7 +36,7 @@ from consumers.models import publish_model
 from consumers.runtime import Decoded, Runtime, next_offsets
 from consumers.settings import PipelineConfig
 from fpocmh_core import schemas
-from fpocmh_core.learners.base import OnlineLearner
+from fpocmh_core.learners.base import OnlineLearner, published
 from fpocmh_core.learners.registry import learner_class, learner_from_state
 from fpocmh_core.records import ItemRecord
 from fpocmh_core.state import ModelState, load_checkpoint, save_checkpoint
@@ -146,10 +146,11 @@ class Publisher:
 
     def _publish(self, state: ModelState, offsets: Offsets, checkpoint: bool = True) -> None:
         start = time.perf_counter()
-        body = state.to_bytes()
         if checkpoint:
             self.checkpoints.save(state, offsets)
-        publish_model(self.rt, state, body)
+        update = published(state)
+        body = update.to_bytes()
+        publish_model(self.rt, update, body)
         self.rt.flush()
         m = self.rt.metrics
         m.model_update_bytes.observe(len(body))

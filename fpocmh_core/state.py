@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,11 @@ class ModelState:
             tensors=tensors,
             meta=header["meta"],
         )
+
+    def only(self, *prefixes: str) -> ModelState:
+        """The same version with only the tensors under ``prefixes`` (meta kept whole)."""
+        starts = tuple(p + "." for p in prefixes)
+        return replace(self, tensors={k: v for k, v in self.tensors.items() if k.startswith(starts)})
 
     def subset(self, prefix: str) -> dict[str, np.ndarray]:
         """Tensors under ``prefix.`` with the prefix stripped."""

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fpocmh_core.learners.base import OnlineLearner, model_from_state
+from fpocmh_core.learners.base import OnlineLearner, model_from_state, published
 from fpocmh_core.learners.registry import LEARNERS, learner_class, learner_from_state
 from fpocmh_core.protocols import p1_chunk_records
 from fpocmh_core.records import Modality
@@ -141,3 +141,19 @@ def test_version_bump_sets_the_parent_and_survives_a_round_trip(method, mirflick
     learner.bump_version()
     clone = learner_from_state(ModelState.from_bytes(learner.export_state().to_bytes()))
     assert (clone.version, clone.parent_version) == (2, 1)
+
+
+def test_the_published_update_encodes_like_the_learner_and_leaves_the_training_state_behind(
+    method, mirflickr, slice_rows, stream, queries
+):
+    learner = fresh(method, mirflickr, slice_rows)
+    learner.learn(stream[0])
+    full = learner.export_state()
+    update = ModelState.from_bytes(published(full).to_bytes())
+    assert (update.version, update.parent_version, update.method) == (full.version, full.parent_version, method)
+    model = model_from_state(update)
+    for modality, x in zip(Modality, queries, strict=True):
+        np.testing.assert_array_equal(model.encode(x, modality), learner.encode(x, modality))
+    dropped = set(full.tensors) - set(update.tensors)
+    assert all(name.split(".")[0] not in ("model", "bank") for name in dropped)
+    assert not any(name.startswith(("optim.", "grad.", "replay.")) for name in update.tensors)

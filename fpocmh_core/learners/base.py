@@ -91,6 +91,17 @@ class OnlineLearner(ABC):
         return self.version
 
 
+# What a model update on the wire carries: the hash networks (all that encoders and query consumers use)
+# and the anchor bank. Optimiser state, accumulated gradients and rehearsal samples stay in the
+# learner's checkpoints; they would triple the update's size for readers that never look at them.
+PUBLISHED_PREFIXES = ("model", "bank")
+
+
+def published(state: ModelState) -> ModelState:
+    """The part of a learner's state that is published as a model update."""
+    return state.only(*PUBLISHED_PREFIXES)
+
+
 def model_from_state(state: ModelState) -> HashModel:
     """The hash model inside any learner's state: what encoders and query consumers need."""
     return HashModel.from_tensors(state.meta["arch"], state.subset("model"))
