@@ -290,6 +290,15 @@ def test_export_and_import_continue_identically_with_dropout(ds):
         np.testing.assert_array_equal(learner.bank.code[m], clone.bank.code[m])
 
 
+def test_a_state_from_before_code_rehearsal_loads_and_learns_without_it(ds):
+    state = make_learner(ds, OFFLINE, **NO_CODE_REHEARSAL).export_state()
+    meta = {**state.meta, "config": {k: v for k, v in state.meta["config"].items() if k != "code_rehearsal"}}
+    old = ModelState(state.method, state.version, state.parent_version, state.tensors, meta)
+    learner = FpocmhLearner.from_state(ModelState.from_bytes(old.to_bytes()))
+    assert learner.cfg.code_rehearsal.items == 0 and learner.replay == {}
+    assert "replay" not in learner.learn(unimodal_stream(ds, STREAM[:8])).losses
+
+
 def test_encode_is_pure(ds):
     learner = make_learner(ds, OFFLINE, dropout=0.3)
     learner.learn(unimodal_stream(ds, STREAM[:3]))

@@ -39,16 +39,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def version_zero(cfg: Any, ds: Any, split: Any, p1cfg: Any) -> Path:
     """A checkpoint of version 0, trained on the P1 offline part once and reused by later runs."""
-    from fpocmh_core.config import to_dict
+    from fpocmh_core.config import CONFIG_DIR, to_dict
     from fpocmh_core.learners.registry import learner_class
     from fpocmh_core.state import save_checkpoint
 
+    # The defaults bootstrap reads are part of the recipe: a changed default retrains version 0.
+    defaults = [path for path in (CONFIG_DIR / f"{cfg.method}.yaml", CONFIG_DIR / "offline.yaml") if path.is_file()]
     recipe = {
         "method": cfg.method,
         "bits": cfg.bits,
         "data": ds.fingerprint(),
         "p1": to_dict(p1cfg),
         "overrides": to_dict(cfg.learner.bootstrap_overrides),
+        "defaults": {path.name: hashlib.sha256(path.read_bytes()).hexdigest()[:16] for path in defaults},
     }
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     directory = Path(cfg.run.work_dir) / "v0" / f"{cfg.method}-{cfg.bits}-{key}"

@@ -401,7 +401,9 @@ class FpocmhLearner(OnlineLearner):
 
     @classmethod
     def from_state(cls, state: ModelState) -> FpocmhLearner:
-        cfg = config.build(FpocmhConfig, state.meta["config"], "fpocmh state")
+        # States written before stored-code rehearsal existed learnt without it, and keep doing so.
+        saved = {"code_rehearsal": {"items": 0, "batch": 1, "weight": 0.0}, **state.meta["config"]}
+        cfg = config.build(FpocmhConfig, saved, "fpocmh state")
         model = HashModel.from_tensors(state.meta["arch"], state.subset("model"))
         bank = AnchorBank.from_tensors(state.subset("bank"), cfg.is_accessible_bank_count)
         vocab = np.array(state.tensors["vocabulary"]) if "vocabulary" in state.tensors else None
