@@ -32,8 +32,8 @@ with: at the paper's learning rate the networks barely move, and at a rate where
 stream the drift eats the gain. So each step also fits a fixed, seeded sample of the offline items'
 features to the codes the offline model stored for them (``sign(f0(x))``, eval mode), the compatibility
 idea of backward-compatible training (Shen et al., "Towards Backward-Compatible Representation
-Learning", CVPR 2020) applied to hash codes. With it the default learning rate is 30x the paper's;
-README "FPO-CMH on the P1 stream" has both settings measured side by side.
+Learning", CVPR 2020) applied to hash codes. With it the default learning rate is 10x the paper's;
+README, "Partial-modal stream (FPO-CMH, protocol P1)", has the settings measured side by side.
 """
 
 from __future__ import annotations
