@@ -26,18 +26,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from fpocmh_core import config
-    from fpocmh_core.bench.offline import query_scores, training_rows
-    from fpocmh_core.data import load_dataset
-    from fpocmh_core.offline import TrainingSet, load_offline_config, save_offline_checkpoint, train_offline
-    from fpocmh_core.protocols import P1Config, p1_split
+    from fpocmh_core.bench.offline import query_scores, training_setup
+    from fpocmh_core.offline import load_offline_config, save_offline_checkpoint, train_offline
 
     torch.set_num_threads(args.threads)
-    ds = load_dataset(args.data)
-    p1 = config.load(P1Config, "p1", overrides={"seed": args.seed})
-    split = p1_split(ds, p1)
-    rows = training_rows(split, args.train_on)
+    setup = training_setup(args.data, args.seed, args.train_on)
+    ds, p1, split, rows, data = setup.ds, setup.p1, setup.split, setup.rows, setup.data
     cfg = load_offline_config(args.config, config.parse_overrides(args.set))
-    data = TrainingSet.from_rows(ds, rows)
     print(f"training {args.bits}-bit offline model on {len(rows)} pairs of {ds.name} ({args.train_on})", flush=True)
     result = train_offline(data, args.bits, cfg, progress=not args.quiet, seed=args.seed)
     scores = query_scores(result.model.encode, ds, split)

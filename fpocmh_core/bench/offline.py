@@ -10,15 +10,19 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fpocmh_core import config, evaluation
 from fpocmh_core.bench import report
 from fpocmh_core.data import CrossModalDataset
-from fpocmh_core.protocols import P1Split
+from fpocmh_core.protocols import P1Config, P1Split
 from fpocmh_core.records import Modality
+
+if TYPE_CHECKING:
+    from fpocmh_core.offline import TrainingSet
 
 HELP = "offline supervised hashing and CCA on the P1 offline part (or all): mAP on the queries per code length"
 METHODS = ("offline", "cca")
@@ -44,6 +48,29 @@ def training_rows(split: P1Split, train_on: str) -> np.ndarray:
     return split.offline if train_on == "offline" else split.database
 
 
+@dataclass(frozen=True)
+class TrainingSetup:
+    """The dataset, its P1 protocol and split, the rows to train on and their training set."""
+
+    ds: CrossModalDataset
+    p1: P1Config
+    split: P1Split
+    rows: np.ndarray
+    data: TrainingSet
+
+
+def training_setup(data: str | None, seed: int, train_on: str) -> TrainingSetup:
+    from fpocmh_core.data import load_dataset
+    from fpocmh_core.offline import TrainingSet
+    from fpocmh_core.protocols import p1_split
+
+    ds = load_dataset(data)
+    p1 = config.load(P1Config, "p1", overrides={"seed": seed})
+    split = p1_split(ds, p1)
+    rows = training_rows(split, train_on)
+    return TrainingSetup(ds, p1, split, rows, TrainingSet.from_rows(ds, rows))
+
+
 def query_scores(encode: Encoder, ds: CrossModalDataset, split: P1Split) -> evaluation.CrossModalScores:
     """P1 queries against the whole database, both sides encoded by ``encode``."""
     q, db = split.query, split.database
@@ -61,16 +88,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from fpocmh_core.baselines import CCAHasher
-    from fpocmh_core.data import load_dataset
-    from fpocmh_core.offline import TrainingSet, load_offline_config, train_offline
-    from fpocmh_core.protocols import P1Config, p1_split
+    from fpocmh_core.offline import load_offline_config, train_offline
 
     torch.set_num_threads(args.threads)
-    ds = load_dataset(args.data)
-    p1 = config.load(P1Config, "p1", overrides={"seed": args.seed})
-    split = p1_split(ds, p1)
-    rows = training_rows(split, args.train_on)
-    data = TrainingSet.from_rows(ds, rows)
+    setup = training_setup(args.data, args.seed, args.train_on)
+    ds, p1, split, rows, data = setup.ds, setup.p1, setup.split, setup.rows, setup.data
     cfg = load_offline_config(overrides=config.parse_overrides(args.set))
     results: list[dict[str, Any]] = []
     for bits in args.bits:
