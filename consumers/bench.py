@@ -286,8 +286,51 @@ def query_sweep(
     metrics: Any,
     repeats: int,
 ) -> list[dict[str, Any]]:
+    """Query latency per store size, each size with topics and a query consumer of its own: on the
+    embedded broker a topic slows down as its record batches accumulate, and each probe adds a request
+    and a result batch, so sizes measured one after another on shared topics would measure the order."""
     import faiss
 
+    bandwidth = read_bandwidth_gb_s()
+    faiss.omp_set_num_threads(1)
+    rng = np.random.default_rng(0)
+    out = []
+    for size in sizes:
+        codes = rng.integers(0, 256, (size, cfg.bits // 8), dtype=np.uint8)
+        row = query_latency(cfg, state, ds, query_rows, codes, probes, work, metrics, repeats)
+        index = faiss.IndexBinaryFlat(cfg.bits)
+        index.add(codes)
+        medians = []
+        for _ in range(repeats):
+            local = []
+            for q in codes[rng.integers(0, size, probes)]:
+                start = time.perf_counter()
+                index.search(q[None, :], 100)
+                local.append(time.perf_counter() - start)
+            medians.append(float(1e3 * np.median(local)))
+        # Best round's median, as for every other measure here (the machine may be shared).
+        row["inprocess_ms"] = min(medians)
+        row["inprocess_rounds_ms"] = medians
+        row["bound_ms"] = float(1e3 * codes.nbytes / (bandwidth * 1e9))
+        row["bandwidth_gb_s"] = bandwidth
+        out.append(row)
+        log.info("query sweep: %s", row)
+    return out
+
+
+def query_latency(
+    cfg: Any,
+    state: Any,
+    ds: Any,
+    query_rows: np.ndarray,
+    codes: np.ndarray,
+    probes: int,
+    work: Path,
+    metrics: Any,
+    repeats: int,
+) -> dict[str, Any]:
+    """A query consumer holding ``codes`` (as text codes), then ``repeats`` rounds of ``probes``
+    sequential top-100 image queries through Kafka."""
     from consumers import settings
     from consumers.kafka import ensure_topics
     from consumers.processes import RoleProcess
@@ -296,79 +339,56 @@ def query_sweep(
     from fpocmh_core import schemas
     from fpocmh_core.records import Modality
 
-    cfg = tagged(cfg, "query-" + uuid.uuid4().hex[:6])
+    size = codes.shape[0]
+    cfg = tagged(cfg, f"query{size}-" + uuid.uuid4().hex[:6])
     ensure_topics(cfg)
     publish(cfg, state, metrics)
-    config_path = settings.dump(cfg, work / "query.yaml")
-    role = RoleProcess("serve-queries", config_path, work / "query.log").start()
-    rng = np.random.default_rng(0)
-    all_codes = np.zeros((0, cfg.bits // 8), np.uint8)
-    bandwidth = read_bandwidth_gb_s()
-    faiss.omp_set_num_threads(1)
-    out = []
+    config_path = settings.dump(cfg, work / f"query{size}.yaml")
+    role = RoleProcess("serve-queries", config_path, work / f"query{size}.log").start()
     # Few, large record batches: tansu's in-memory store slows down as a topic's batch count grows.
     rt = Runtime(cfg, "replay", metrics, producer_props={"linger.ms": 100, "batch.size": cfg.message_max_bytes})
     try:
         with QueryClient(cfg) as client:
-            for size in sizes:
-                fill_start = time.perf_counter()
-                new = rng.integers(0, 256, (size - all_codes.shape[0], cfg.bits // 8), dtype=np.uint8)
-                for i, code in enumerate(new, start=all_codes.shape[0]):
-                    msg = schemas.CodeMessage(i, Modality.TEXT, code, 0, (Modality.TEXT,))
-                    rt.produce(cfg.topics.codes, schemas.encode_code(msg), key=msg.key, headers=schemas.CODE_HEADERS)
-                rt.flush()
-                all_codes = np.concatenate([all_codes, new])
-                deadline = time.monotonic() + 600
-                while True:
-                    role.check_alive()
-                    try:
-                        if client.status(timeout_s=5).store_codes[1] >= size:
-                            break
-                    except TimeoutError:
-                        pass
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"query store did not reach {size} codes")
-                    time.sleep(0.2)
-                fill_s = time.perf_counter() - fill_start
-                rounds, served = [], []
-                for _ in range(repeats):
-                    times = []
-                    for i in range(probes):
-                        start = time.perf_counter()
-                        answer = client.search(Query(ds.image[query_rows[i % query_rows.size]], Modality.IMAGE, 100))
-                        times.append(time.perf_counter() - start)
-                        served.append(answer.search_seconds)
-                    ms = 1e3 * np.array(times)
-                    rounds.append((float(np.percentile(ms, 50)), float(np.percentile(ms, 99))))
-                best = min(rounds, key=lambda r: r[1])
-                index = faiss.IndexBinaryFlat(cfg.bits)
-                index.add(all_codes)
-                q_codes = all_codes[rng.integers(0, size, probes)]
-                local = []
-                for q in q_codes:
+            fill_start = time.perf_counter()
+            for i, code in enumerate(codes):
+                msg = schemas.CodeMessage(i, Modality.TEXT, code, 0, (Modality.TEXT,))
+                rt.produce(cfg.topics.codes, schemas.encode_code(msg), key=msg.key, headers=schemas.CODE_HEADERS)
+            rt.flush()
+            deadline = time.monotonic() + 600
+            while True:
+                role.check_alive()
+                try:
+                    if client.status(timeout_s=5).store_codes[1] >= size:
+                        break
+                except TimeoutError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"query store did not reach {size} codes")
+                time.sleep(0.2)
+            fill_s = time.perf_counter() - fill_start
+            rounds, served = [], []
+            for _ in range(repeats):
+                times = []
+                for i in range(probes):
                     start = time.perf_counter()
-                    index.search(q[None, :], 100)
-                    local.append(time.perf_counter() - start)
-                out.append(
-                    {
-                        "codes": size,
-                        "p50_ms": best[0],
-                        "p99_ms": best[1],
-                        "rounds_p50_p99_ms": rounds,
-                        # hashing + search inside the query process, median over all rounds
-                        "served_ms": float(1e3 * np.median(served)),
-                        "inprocess_ms": float(1e3 * np.median(local)),
-                        "bound_ms": float(1e3 * all_codes.nbytes / (bandwidth * 1e9)),
-                        # produce -> codes topic -> query store, for the codes added at this step
-                        "fill_codes_per_s": float(new.shape[0] / fill_s),
-                    }
-                )
-                log.info("query sweep: %s", out[-1])
+                    answer = client.search(Query(ds.image[query_rows[i % query_rows.size]], Modality.IMAGE, 100))
+                    times.append(time.perf_counter() - start)
+                    served.append(answer.search_seconds)
+                ms = 1e3 * np.array(times)
+                rounds.append((float(np.percentile(ms, 50)), float(np.percentile(ms, 99))))
     finally:
         role.stop()
-    for row in out:
-        row["bandwidth_gb_s"] = bandwidth
-    return out
+    best = min(rounds, key=lambda r: r[1])
+    return {
+        "codes": size,
+        "p50_ms": best[0],
+        "p99_ms": best[1],
+        "rounds_p50_p99_ms": rounds,
+        # hashing + search inside the query process, median over all rounds
+        "served_ms": float(1e3 * np.median(served)),
+        # produce -> codes topic -> query store
+        "fill_codes_per_s": float(size / fill_s),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- run
