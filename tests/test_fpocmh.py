@@ -202,11 +202,16 @@ def test_items_of_the_offline_part_are_ignored(ds):
     assert all(np.array_equal(before.tensors[k], after.tensors[k]) for k in before.tensors)
 
 
-def test_rehearsal_targets_are_the_offline_codes_of_the_anchors_in_eval_mode(ds):
+def twice_from_one_model(ds: CrossModalDataset, **overrides) -> tuple[HashModel, FpocmhLearner, FpocmhLearner]:
+    """An offline model with dropout, and two learners built from copies of it with the same config."""
     model = HashModel.create(ds.dims, 16, hidden=(32,), dropout=0.5, seed=0)
-    cfg = load_config(overrides={"mu": 4})
-    first = FpocmhLearner.from_offline(copy.deepcopy(model), ds, OFFLINE, cfg)
-    second = FpocmhLearner.from_offline(copy.deepcopy(model), ds, OFFLINE, cfg)
+    cfg = load_config(overrides=overrides)
+    first, second = (FpocmhLearner.from_offline(copy.deepcopy(model), ds, OFFLINE, cfg) for _ in range(2))
+    return model, first, second
+
+
+def test_rehearsal_targets_are_the_offline_codes_of_the_anchors_in_eval_mode(ds):
+    model, first, second = twice_from_one_model(ds, mu=4)
     for m in MODALITIES:
         np.testing.assert_array_equal(first.bank.rehearsal_targets[m], second.bank.rehearsal_targets[m])
         expected = codes.sign_codes(model.relaxed(first.bank.initial_feat[m], m))
@@ -235,10 +240,7 @@ def test_gamma_weighs_the_rehearsal_loss(ds):
 
 
 def test_stored_code_sample_is_a_seeded_offline_sample_with_the_codes_the_offline_model_stored(ds):
-    model = HashModel.create(ds.dims, 16, hidden=(32,), dropout=0.5, seed=0)
-    cfg = load_config(overrides={"code_rehearsal.items": 50})
-    first = FpocmhLearner.from_offline(copy.deepcopy(model), ds, OFFLINE, cfg)
-    second = FpocmhLearner.from_offline(copy.deepcopy(model), ds, OFFLINE, cfg)
+    model, first, second = twice_from_one_model(ds, **{"code_rehearsal.items": 50})
     for m in MODALITIES:
         feats, stored = first.replay[m]
         assert feats.shape == (50, ds.dims[m is TXT]) and stored.shape == (50, 16)
