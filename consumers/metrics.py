@@ -13,6 +13,8 @@ import os
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+log = logging.getLogger(__name__)
+
 ROLES = ("replay", "encoder", "learner", "query")
 MODALITIES = ("img", "txt")
 DEAD_LETTER_REASONS = ("schema", "decode", "shape", "process")
@@ -21,8 +23,6 @@ DEAD_LETTER_REASONS = ("schema", "decode", "shape", "process")
 METRICS_ADDR_ENV = "FPOCMH_METRICS_ADDR"
 # Up to a minute: a learner batch or a replayed batch of queries on a busy machine takes seconds, and
 # a quantile above the last finite bucket would only show that bucket's bound.
-log = logging.getLogger(__name__)
-
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -97,18 +97,22 @@ class Metrics:
             "fpocmh_retrieval_map", "Live retrieval mAP of the replayed query set", ["direction"], registry=registry
         )
 
-    def serve(self, port: int, addr: str | None = None) -> bool:
-        """Expose ``/metrics`` on ``addr:port`` (0: off); no ``addr``: ``$FPOCMH_METRICS_ADDR``, else loopback.
+    def serve(self, port: int, addr: str | None = None) -> None:
+        """Expose ``/metrics`` on ``addr:port`` (0: off); no ``addr``: :func:`metrics_addr`.
 
         A port already taken (a second copy of a role on the same host) costs the role its metrics,
-        not its work: it logs why and keeps going. True when serving."""
+        not its work: it logs why and keeps going."""
         if not port:
-            return False
-        addr = addr or os.environ.get(METRICS_ADDR_ENV, "127.0.0.1")
+            return
+        addr = addr or metrics_addr()
         try:
             start_http_server(port, addr=addr, registry=self.registry)
         except OSError as exc:
             log.warning("metrics: cannot serve on %s:%d (%s); give this copy its own metrics_port", addr, port, exc)
-            return False
+            return
         log.info("metrics: serving http://%s:%d/metrics", addr, port)
-        return True
+
+
+def metrics_addr() -> str:
+    """Where roles serve /metrics: ``$FPOCMH_METRICS_ADDR``, else loopback."""
+    return os.environ.get(METRICS_ADDR_ENV, "127.0.0.1")

@@ -150,13 +150,15 @@ def published_versions(checkpoint_dir: Path) -> int | None:
 
 
 def metrics_line(cfg: Any) -> str:
+    from consumers.metrics import metrics_addr
+
     ports = {
         "run": cfg.replay.metrics_port,
         "encoder": cfg.encoder.metrics_port,
         "learner": cfg.learner.metrics_port,
         "query": cfg.query.metrics_port,
     }
-    served = [f"{name} http://127.0.0.1:{port}/metrics" for name, port in ports.items() if port]
+    served = [f"{name} http://{metrics_addr()}:{port}/metrics" for name, port in ports.items() if port]
     return "metrics: " + (", ".join(served) if served else "off (every metrics_port is 0)")
 
 
