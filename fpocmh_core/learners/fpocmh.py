@@ -310,15 +310,16 @@ class FpocmhLearner(OnlineLearner):
         if not tgts and not step:
             return 0.0
         net = self.model.net(m)
-        inputs = [t.x for t in tgts]
+        # One forward pass over blocks: the pending items, then (on a step) the anchors and the replay rows.
+        blocks = [np.stack([t.x for t in tgts])] if tgts else []
         replay_codes = None
         if step:
-            inputs += list(self.bank.initial_feat[m])
+            blocks.append(self.bank.initial_feat[m])
             if self.replay:
                 replay_x, replay_codes = self._replay_batch(m)
-                inputs += list(replay_x)
+                blocks.append(replay_x)
         net.train()
-        out = net(torch.from_numpy(np.stack(inputs).astype(np.float32, copy=False)))
+        out = net(torch.from_numpy(np.concatenate(blocks).astype(np.float32, copy=False)))
         net.eval()
         loss = torch.zeros(())
         if tgts:
