@@ -1,21 +1,29 @@
 """The encoder role: arrivals in, one database code per (item, modality) out.
 
 It codes each batch with the model version it holds, records that version in every code, and picks
-up newer versions from the models topic between batches without stopping. Input offsets are committed
-only after the codes are acknowledged (see :mod:`consumers.runtime`). More copies in the same group
+up newer versions from the models topic between batches without stopping. Every arrival passes the
+arrival check first (:mod:`fpocmh_core.validation`); one that fails is dead-lettered, never coded.
+
+Delivery (``delivery`` in the pipeline config): ``exactly_once`` codes each batch inside a Kafka
+transaction with its input offsets, under a ``transactional.id`` that survives restarts, so a crash
+anywhere in a batch leaves every key with one committed code even when the model version changed in
+between; ``at_least_once`` commits the input offsets after the codes are acknowledged (see
+:mod:`consumers.runtime`). ``auto`` takes exactly-once where the broker has transactions (Apache
+Kafka) and at-least-once where it has not (the embedded tansu broker). More copies in the same group
 share the arrivals' partitions.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 
 import numpy as np
 import torch
 from confluent_kafka import Message
 
-from consumers.kafka import make_consumer
+from consumers.kafka import make_consumer, transactions_supported
 from consumers.metrics import Metrics
 from consumers.models import ModelFollower, ModelVersion
 from consumers.runtime import Decoded, Runtime
@@ -50,14 +58,6 @@ def _present(record: ItemRecord) -> tuple[Modality, ...]:
     return _BOTH if record.text is not None else (Modality.IMAGE,)
 
 
-def check_dims(record: ItemRecord, dims: tuple[int, int]) -> None:
-    """Feature lengths against the model's (image, text) input sizes; a mismatch is a shape error."""
-    for modality, features, want in ((Modality.IMAGE, record.image, dims[0]), (Modality.TEXT, record.text, dims[1])):
-        if features is not None and features.shape[0] != want:
-            got = features.shape[0]
-            raise schemas.SchemaError("shape", f"item {record.item_id}: {modality.short} has {got} dims, model {want}")
-
-
 class Encoder:
     """The encoder's :class:`~consumers.runtime.Handler`."""
 
@@ -69,7 +69,7 @@ class Encoder:
 
     def _use(self, ready: ModelVersion) -> None:
         self.model = ready.model
-        self.dims = (self.model.image.in_dim, self.model.text.in_dim)
+        self.check = ready.arrivals
         self.version = ready.version
         if self.model.bits != self.rt.cfg.bits:
             log.warning("model has %d bits, the pipeline config says %d", self.model.bits, self.rt.cfg.bits)
@@ -80,9 +80,7 @@ class Encoder:
             self._use(ready)
 
     def decode(self, msg: Message) -> ItemRecord:
-        record = schemas.decode_arrival(msg.value(), msg.headers())
-        check_dims(record, self.dims)
-        return record
+        return self.check.check(schemas.decode_arrival(msg.value(), msg.headers()))
 
     def process(self, batch: list[Decoded]) -> None:
         for code in encode_records(self.model, [d.value for d in batch], self.version):
@@ -92,7 +90,9 @@ class Encoder:
 def run_encoder(cfg: PipelineConfig, metrics: Metrics, stop: threading.Event | None = None) -> None:
     """Wait for a model on the models topic, then code arrivals until ``stop`` is set."""
     torch.set_num_threads(cfg.encoder.threads)
-    rt = Runtime(cfg, "encoder", metrics, stop)
+    txn_id = transactional_id(cfg) if exactly_once(cfg) else None
+    rt = Runtime(cfg, "encoder", metrics, stop, transactional_id=txn_id)
+    log.info("encoder: delivery %s", f"exactly once (transactional.id {txn_id})" if txn_id else "at least once")
     models = ModelFollower(rt)
     try:
         first = models.wait_first(rt.stop)
@@ -106,3 +106,16 @@ def run_encoder(cfg: PipelineConfig, metrics: Metrics, stop: threading.Event | N
     finally:
         models.close()
         rt.producer.flush(cfg.flush_timeout_s)
+
+
+def exactly_once(cfg: PipelineConfig) -> bool:
+    """``delivery`` resolved: ``auto`` is exactly-once where the broker has transactions."""
+    if cfg.delivery == "auto":
+        return transactions_supported(cfg)
+    return cfg.delivery == "exactly_once"
+
+
+def transactional_id(cfg: PipelineConfig) -> str:
+    """``encoder.transactional_id``, else one per host: stable across restarts, so a restarted encoder aborts
+    what its previous incarnation left open at once instead of blocking readers until the timeout."""
+    return cfg.encoder.transactional_id or f"{cfg.encoder.group}-{socket.gethostname()}"

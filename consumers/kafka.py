@@ -17,6 +17,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from consumers import health
 from consumers.broker import EmbeddedBroker
 from consumers.settings import PipelineConfig
 
@@ -33,6 +34,12 @@ def _base(cfg: PipelineConfig) -> dict[str, Any]:
     return {"bootstrap.servers": cfg.bootstrap_servers}
 
 
+def _reporting(cfg: PipelineConfig, role: str) -> dict[str, Any]:
+    """Every client of ``role`` reports broker loss to the role's health and logs through Python logging."""
+    watcher = health.for_role(role, cfg.bootstrap_servers, cfg.broker.loss_timeout_s)
+    return {"error_cb": watcher.on_error, "logger": health.client_logger(role)}
+
+
 def producer_config(cfg: PipelineConfig, role: str, **props: Any) -> dict[str, Any]:
     conf = {
         **_base(cfg),
@@ -41,6 +48,10 @@ def producer_config(cfg: PipelineConfig, role: str, **props: Any) -> dict[str, A
         "message.max.bytes": cfg.message_max_bytes,
         # Roles look at failures only; per-message success callbacks cost a Python call each.
         "delivery.report.only.error": True,
+        # Never give up on a message while the broker is away: the batch stays uncommitted meanwhile, and
+        # broker.loss_timeout_s, not the client, decides when a role stops waiting.
+        "message.timeout.ms": 0,
+        **_reporting(cfg, role),
         **props,
     }
     conf.update(cfg.kafka)
@@ -61,6 +72,7 @@ def consumer_config(
         # Model updates arrive in parts of up to message_max_bytes; fetch at least one whole part.
         "fetch.max.bytes": max(52428800, 2 * cfg.message_max_bytes),
         "max.partition.fetch.bytes": max(1048576, 2 * cfg.message_max_bytes),
+        **_reporting(cfg, role),
         **props,
     }
     conf.update(cfg.kafka)
@@ -71,7 +83,12 @@ def consumer_config(
 
 
 def admin_config(cfg: PipelineConfig) -> dict[str, Any]:
-    return {**_base(cfg), **cfg.kafka}
+    return {**_base(cfg), "logger": health.client_logger("admin"), **cfg.kafka}
+
+
+def require_broker_reachable(cfg: PipelineConfig) -> None:
+    """One line naming the address, within ``broker.connect_timeout_s``, when no broker answers."""
+    health.require_reachable({**_base(cfg), **cfg.kafka}, cfg.broker.connect_timeout_s)
 
 
 def make_producer(cfg: PipelineConfig, role: str, **props: Any) -> Producer:
@@ -82,6 +99,34 @@ def make_consumer(cfg: PipelineConfig, role: str, group: str | None, fetch_wait_
     return Consumer(consumer_config(cfg, role, group, fetch_wait_max_ms, **props))
 
 
+def is_tansu(cfg: PipelineConfig) -> bool:
+    """The embedded tansu broker names itself in its cluster id. It accepts every transactional call but
+    shows aborted records to read_committed readers, and its ListOffsets "latest" is early (``broker.md``)."""
+    admin = AdminClient(admin_config(cfg))  # kept referenced until the answer: a dropped client cancels it
+    cluster = admin.describe_cluster(request_timeout=cfg.broker.connect_timeout_s)
+    return "tansu" in (cluster.result(cfg.broker.connect_timeout_s).cluster_id or "")
+
+
+def transactions_supported(cfg: PipelineConfig) -> bool:
+    return not is_tansu(cfg)
+
+
+def watermarks_are_exact(cfg: PipelineConfig) -> bool:
+    return not is_tansu(cfg)
+
+
+def topic_id(cfg: PipelineConfig, topic: str) -> str | None:
+    """The topic's id (KIP-516): a recreated topic gets a new one. None when the topic does not exist."""
+    from confluent_kafka import TopicCollection
+
+    admin = AdminClient(admin_config(cfg))
+    future = admin.describe_topics(TopicCollection([topic]), request_timeout=cfg.broker.connect_timeout_s)[topic]
+    try:
+        return str(future.result(cfg.broker.connect_timeout_s).topic_id)
+    except KafkaException:
+        return None
+
+
 def topic_properties(cfg: PipelineConfig, name: str) -> dict[str, str]:
     props = {"cleanup.policy": "compact"} if name in COMPACTED else {}
     props.update({k: str(v) for k, v in getattr(cfg.topic_config, name).items()})
@@ -90,6 +135,7 @@ def topic_properties(cfg: PipelineConfig, name: str) -> dict[str, str]:
 
 def ensure_topics(cfg: PipelineConfig, timeout: float = 30.0) -> list[str]:
     """Create the pipeline's topics that don't exist yet; returns the names created."""
+    require_broker_reachable(cfg)
     admin = AdminClient(admin_config(cfg))
     existing = set(admin.list_topics(timeout=timeout).topics)
     new = [

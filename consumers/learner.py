@@ -12,6 +12,14 @@ Publishing (serialise, checkpoint, produce the parts, wait for acks) runs on a b
 one version at a time; the poll loop only copies the tensors, so the learner keeps polling well within
 ``max.poll.interval.ms``. Arrivals of the offline part (``chunk == -1``) are skipped: version 0
 was trained on them.
+
+Guards. Every arrival passes the arrival check before it is learnt (a failing one is dead-lettered). A
+batch after which a loss, gradient or parameter is not finite, or whose learning raised, is rolled back
+(:mod:`fpocmh_core.learners.guard`) and then learnt one arrival at a time, the arrival that still fails
+being dead-lettered. A version whose model fails the model check is never published: the learner goes
+back to the last version it published. A checkpoint taken on another incarnation of the arrivals topic
+(recreated: another topic id, or offsets past its end) is a restarted stream: ``learner.on_topic_reset``
+says whether to stop with a message or to learn the new topic from its beginning.
 """
 
 from __future__ import annotations
@@ -30,20 +38,24 @@ import numpy as np
 import torch
 from confluent_kafka import Consumer, Message, TopicPartition
 
-from consumers.kafka import make_consumer
+from consumers.kafka import make_consumer, topic_id, watermarks_are_exact
 from consumers.metrics import MODALITIES, Metrics
-from consumers.models import publish_model
-from consumers.runtime import Decoded, Runtime, next_offsets
+from consumers.models import arrival_check, publish_model, warn_unauthenticated
+from consumers.runtime import Decoded, RoleStopped, Runtime, next_offsets
 from consumers.settings import PipelineConfig
 from fpocmh_core import schemas
+from fpocmh_core.config import to_dict as config_dict
 from fpocmh_core.learners.base import OnlineLearner, published
+from fpocmh_core.learners.guard import GuardedLearner
 from fpocmh_core.learners.registry import learner_class, learner_from_state
+from fpocmh_core.model_check import Probe, model_problems
 from fpocmh_core.records import ItemRecord
 from fpocmh_core.state import ModelState, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
 Offsets = dict[tuple[str, int], int]
+TOPIC_CHECK_EVERY_S = 10.0
 
 
 def detached(state: ModelState) -> ModelState:
@@ -60,19 +72,22 @@ class Checkpoints:
         self.directory = Path(directory)
         self.keep = max(1, keep)
 
-    def latest(self) -> tuple[ModelState, Offsets] | None:
+    def latest(self) -> tuple[ModelState, Offsets, dict[str, str]] | None:
+        """(state, input offsets, topic ids the offsets refer to) of the newest checkpoint."""
         pointer = self.directory / "LATEST"
         if not pointer.is_file():
             return None
         state, manifest = load_checkpoint(self.directory / pointer.read_text().strip())
-        return state, {(t, int(p)): int(o) for t, parts in manifest["offsets"].items() for p, o in parts.items()}
+        offsets = {(t, int(p)): int(o) for t, parts in manifest["offsets"].items() for p, o in parts.items()}
+        return state, offsets, dict(manifest.get("topic_ids", {}))
 
-    def save(self, state: ModelState, offsets: Offsets) -> Path:
+    def save(self, state: ModelState, offsets: Offsets, topic_ids: dict[str, str] | None = None) -> Path:
         by_topic: dict[str, dict[str, int]] = {}
         for (topic, partition), offset in sorted(offsets.items()):
             by_topic.setdefault(topic, {})[str(partition)] = offset
         name = f"v{state.version:06d}"
-        save_checkpoint(state, self.directory / name, {"offsets": by_topic, "saved_at": time.time()})
+        manifest = {"offsets": by_topic, "topic_ids": topic_ids or {}, "saved_at": time.time()}
+        save_checkpoint(state, self.directory / name, manifest)
         # The pointer moves only once the folder is complete, so a crash mid-save keeps the previous one.
         tmp = self.directory / "LATEST.tmp"
         tmp.write_text(name)
@@ -88,6 +103,7 @@ class Publisher:
     def __init__(self, cfg: PipelineConfig, metrics: Metrics, checkpoints: Checkpoints) -> None:
         self.rt = Runtime(cfg, "learner", metrics)
         self.checkpoints = checkpoints
+        self.topic_ids: dict[str, str] = {}
         self._jobs: queue.Queue[tuple[ModelState, Offsets] | None] = queue.Queue(maxsize=1)
         self._done: queue.Queue[tuple[int, Offsets]] = queue.Queue()
         self._busy = threading.Event()
@@ -147,7 +163,7 @@ class Publisher:
     def _publish(self, state: ModelState, offsets: Offsets, checkpoint: bool = True) -> None:
         start = time.perf_counter()
         if checkpoint:
-            self.checkpoints.save(state, offsets)
+            self.checkpoints.save(state, offsets, self.topic_ids)
         update = published(state)
         body = update.to_bytes()
         publish_model(self.rt, update, body)
@@ -172,15 +188,25 @@ class Publisher:
 class LearnerRole:
     """The learner's :class:`~consumers.runtime.Handler`."""
 
-    def __init__(self, rt: Runtime, learner: OnlineLearner, publisher: Publisher, offsets: Offsets) -> None:
+    def __init__(
+        self, rt: Runtime, learner: OnlineLearner, publisher: Publisher, offsets: Offsets, probe: Probe | None
+    ) -> None:
         self.rt = rt
-        self.learner = learner
+        self.guard = GuardedLearner(learner)
         self.publisher = publisher
+        self.probe = probe
+        self.check = arrival_check(learner.model, probe, rt.cfg.validation.max_item_id)
         self.offsets = dict(offsets)  # next offset per partition whose effect the learner holds
         self.consumer: Consumer | None = None
         self.items_since_publish = 0
         self.last_publish = time.monotonic()
+        self.last_published = detached(learner.export_state())
         self.budget_s = rt.cfg.max_poll_interval_ms / 1000.0
+        self._topic_checked = time.monotonic()
+
+    @property
+    def learner(self) -> OnlineLearner:
+        return self.guard.learner
 
     def on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Start each partition where the checkpoint left it, not at the (older) committed offset."""
@@ -190,23 +216,30 @@ class LearnerRole:
         consumer.assign(partitions)
 
     def decode(self, msg: Message) -> ItemRecord:
-        return schemas.decode_arrival(msg.value(), msg.headers())
+        return self.check.check(schemas.decode_arrival(msg.value(), msg.headers()))
 
     def process(self, batch: list[Decoded]) -> None:
         records = [d.value for d in batch if d.value.chunk >= 0]
         if records:
             self._learn(records)
-        for tp in next_offsets(d.msg for d in batch):
+
+    def consumed(self, msgs: list[Message]) -> None:
+        """After a polled batch (learnt or dead-lettered, message by message): its offsets are the learner's."""
+        for tp in next_offsets(msgs):
             self.offsets[(tp.topic, tp.partition)] = tp.offset
         self._maybe_publish()
 
     def _learn(self, records: list[ItemRecord]) -> None:
         start = time.perf_counter()
-        report = self.learner.learn(records)
+        m = self.rt.metrics
+        try:
+            report = self.guard.learn(records)
+        except Exception:
+            m.learner_rollbacks.inc()
+            raise
         took = time.perf_counter() - start
         if took > self.budget_s / 4:
             log.warning("learner: a batch took %.1f s of a %.0f s poll budget; lower batch_size", took, self.budget_s)
-        m = self.rt.metrics
         for modality in MODALITIES:
             m.learner_steps.labels(modality).inc(report.steps.get(modality, 0))
         for term, value in report.losses.items():
@@ -234,20 +267,53 @@ class LearnerRole:
         by_time = cfg.publish_every_s > 0 and time.monotonic() - self.last_publish >= cfg.publish_every_s
         return by_items or by_time
 
-    def _next_version(self) -> ModelState:
+    def _next_version(self) -> ModelState | None:
+        """The next version to publish, or None when its model fails the model check (the learner then goes
+        back to the last version it published, and what it learnt since is dropped)."""
         self.learner.bump_version()
         self.items_since_publish = 0
         self.last_publish = time.monotonic()
-        return detached(self.learner.export_state())
+        state = detached(self.learner.export_state())
+        problems = model_problems(self.learner.model, self.probe, self.rt.cfg.model_check)
+        if problems:
+            self.rt.metrics.model_refused.labels("learner").inc()
+            log.error(
+                "learner: version %d not published (%s); back to version %d",
+                state.version,
+                "; ".join(problems),
+                self.last_published.version,
+            )
+            self.guard = GuardedLearner(learner_from_state(self.last_published))
+            return None
+        self.last_published = state
+        return state if self.probe is None else self.probe.attach(state)
 
     def _maybe_publish(self) -> None:
         if self._due():
-            self.publisher.submit(self._next_version(), dict(self.offsets))
+            state = self._next_version()
+            if state is not None:
+                self.publisher.submit(state, dict(self.offsets))
 
     def idle(self) -> None:
         self.publisher.check()
         self._commit_published()
         self._maybe_publish()
+        if time.monotonic() - self._topic_checked > TOPIC_CHECK_EVERY_S:
+            self._topic_checked = time.monotonic()
+            self._watch_topic()
+
+    def _watch_topic(self) -> None:
+        """A running learner whose arrivals topic was recreated under it (a broker that came back empty)."""
+        topic = self.rt.cfg.topics.arrivals
+        known = self.publisher.topic_ids.get(topic)
+        now = topic_id(self.rt.cfg, topic)
+        if known and now and now != known:
+            on_topic_reset(self.rt, topic, f"topic id changed from {known} to {now} while running")
+            self.offsets = {k: v for k, v in self.offsets.items() if k[0] != topic}
+            self.publisher.topic_ids[topic] = now
+            if self.consumer is not None:
+                self.consumer.unsubscribe()
+                self.consumer.subscribe([topic], on_assign=self.on_assign)
 
     def _commit_published(self) -> None:
         for _version, offsets in self.publisher.done():
@@ -263,8 +329,56 @@ class LearnerRole:
         self._commit_published()
         if self.items_since_publish:
             offsets = dict(self.offsets)
-            self.publisher.publish_now(self._next_version(), offsets)
-            self._commit(offsets)
+            state = self._next_version()
+            if state is not None:
+                self.publisher.publish_now(state, offsets)
+                self._commit(offsets)
+
+
+def on_topic_reset(rt: Runtime, topic: str, why: str) -> None:
+    """Apply ``learner.on_topic_reset`` to a restarted stream: stop with the fix named, or go on from its start."""
+    rt.metrics.topic_resets.labels(rt.role, topic).inc()
+    checkpoints = rt.cfg.learner.checkpoint_dir
+    if rt.cfg.learner.on_topic_reset == "stop":
+        raise RoleStopped(
+            f"learner: {topic} is not the stream the checkpoint in {checkpoints} read ({why}). To learn the new "
+            f"stream from its beginning, set learner.on_topic_reset=earliest; to start over from version 0, "
+            f"remove {checkpoints}"
+        )
+    log.warning("learner: %s restarted (%s); learning it from its beginning (learner.on_topic_reset)", topic, why)
+
+
+def checked_offsets(rt: Runtime, offsets: Offsets, known_ids: dict[str, str]) -> tuple[Offsets, dict[str, str]]:
+    """The checkpoint's offsets for the arrivals topic as it is now: ``on_topic_reset`` applied when the topic
+    was recreated (another id) or its partitions end before the offsets. Returns (offsets, topic ids now)."""
+    topic = rt.cfg.topics.arrivals
+    now = topic_id(rt.cfg, topic)
+    ids = {topic: now} if now else {}
+    why = None
+    if known_ids.get(topic) and now and known_ids[topic] != now:
+        why = f"topic id {known_ids[topic]} in the checkpoint, {now} now"
+    elif offsets and watermarks_are_exact(rt.cfg):
+        past = past_end(rt.cfg, {k: v for k, v in offsets.items() if k[0] == topic})
+        if past:
+            why = f"checkpoint offsets past the partitions' ends: {past}"
+    if why is None:
+        return offsets, ids
+    on_topic_reset(rt, topic, why)
+    return {k: v for k, v in offsets.items() if k[0] != topic}, ids
+
+
+def past_end(cfg: PipelineConfig, offsets: Offsets) -> dict[int, tuple[int, int]]:
+    """Partition -> (saved offset, end) for every saved offset beyond its partition's current end."""
+    consumer = make_consumer(cfg, "learner", None, 10)
+    try:
+        out = {}
+        for (topic, partition), offset in offsets.items():
+            _low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+            if offset > high:
+                out[partition] = (offset, high)
+        return out
+    finally:
+        consumer.close()
 
 
 def show_bank_rows(learner: OnlineLearner, metrics: Metrics) -> None:
@@ -272,33 +386,40 @@ def show_bank_rows(learner: OnlineLearner, metrics: Metrics) -> None:
         metrics.bank_rows.set(learner.bank_rows)
 
 
-def initial_learner(cfg: PipelineConfig, data: str | None) -> tuple[OnlineLearner, Offsets, bool]:
-    """(learner, offsets, resumed): the newest checkpoint, else ``learner.init``, else version 0 trained
-    on the P1 offline part of ``data``."""
+def initial_state(cfg: PipelineConfig, data: str | None) -> tuple[ModelState, Offsets, dict[str, str], bool]:
+    """(state, offsets, topic ids, resumed): the newest checkpoint, else ``learner.init``, else version 0
+    trained on the P1 offline part of ``data`` (with its probe set)."""
     checkpoints = Checkpoints(cfg.learner.checkpoint_dir, cfg.learner.keep_checkpoints)
     found = checkpoints.latest()
     if found is not None:
-        state, offsets = found
+        state, offsets, topic_ids = found
         log.info("learner: resuming version %d from %s", state.version, checkpoints.directory)
-        return learner_from_state(state), offsets, True
+        return state, offsets, topic_ids, True
     if cfg.learner.init:
         state, _manifest = load_checkpoint(Path(cfg.learner.init))
         log.info("learner: version %d from %s", state.version, cfg.learner.init)
-        return learner_from_state(state), {}, False
-    return bootstrap_learner(cfg, data), {}, False
+        return state, {}, {}, False
+    return bootstrap_state(cfg, data), {}, {}, False
 
 
-def bootstrap_learner(cfg: PipelineConfig, data: str | None, progress: bool = True) -> OnlineLearner:
-    """Version 0: the method's offline phase on the P1 offline part (paired, labelled)."""
+def bootstrap_state(cfg: PipelineConfig, data: str | None, progress: bool = True) -> ModelState:
+    """Version 0 trained on the P1 offline part of ``data``."""
     from fpocmh_core import config as core_config
     from fpocmh_core.data import load_dataset
     from fpocmh_core.protocols import P1Config, p1_split
 
     ds = load_dataset(data)
     split = p1_split(ds, core_config.load(P1Config, "p1"))
-    overrides: dict[str, Any] = json.loads(json.dumps(dict(cfg.learner.bootstrap_overrides)))
-    log.info("learner: training version 0 (%s, %d bits) on %d offline pairs", cfg.method, cfg.bits, split.offline.size)
-    return learner_class(cfg.method).bootstrap(ds, split.offline, cfg.bits, overrides, progress)
+    return train_version_zero(cfg, ds, split.offline, progress)
+
+
+def train_version_zero(cfg: PipelineConfig, ds: Any, rows: Any, progress: bool = True) -> ModelState:
+    """The method's offline phase on the paired, labelled ``rows`` of ``ds``, with a probe set from them."""
+    overrides: dict[str, Any] = json.loads(json.dumps(config_dict(cfg.learner.bootstrap_overrides)))
+    log.info("learner: training version 0 (%s, %d bits) on %d offline pairs", cfg.method, cfg.bits, len(rows))
+    learner = learner_class(cfg.method).bootstrap(ds, rows, cfg.bits, overrides, progress)
+    probe = Probe.draw(ds.image[rows], ds.text[rows], ds.n_labels, cfg.model_check.probe_items)
+    return probe.attach(learner.export_state())
 
 
 def run_learner(
@@ -309,16 +430,23 @@ def run_learner(
 ) -> None:
     """Resume or start the learner, publish the version it starts from, then learn until ``stop``."""
     torch.set_num_threads(cfg.learner.threads)
-    learner, offsets, resumed = initial_learner(cfg, data)
+    state, offsets, topic_ids, resumed = initial_state(cfg, data)
+    learner = learner_from_state(state)
+    probe = Probe.of(state)
+    if probe is None:
+        log.warning("learner: version %d has no probe set; versions are checked for finite weights only", state.version)
     # From start-up on, and kept after the stop: the gauge is the bank the role holds.
     show_bank_rows(learner, metrics)
     checkpoints = Checkpoints(cfg.learner.checkpoint_dir, cfg.learner.keep_checkpoints)
     rt = Runtime(cfg, "learner", metrics, stop)
+    warn_unauthenticated("learner", cfg.model_key())
+    offsets, publisher_ids = checked_offsets(rt, offsets, topic_ids)
     publisher = Publisher(cfg, metrics, checkpoints)
+    publisher.topic_ids = publisher_ids
     try:
         # Every start publishes the version it starts from; readers holding it already ignore it.
-        publisher.publish_now(learner.export_state(), offsets, checkpoint=not resumed)
-        role = LearnerRole(rt, learner, publisher, offsets)
+        publisher.publish_now(state if probe is None else probe.attach(state), offsets, checkpoint=not resumed)
+        role = LearnerRole(rt, learner, publisher, offsets, probe)
         consumer = make_consumer(cfg, "learner", cfg.learner.group, cfg.learner.fetch_wait_max_ms)
         role.consumer = consumer
         consumer.subscribe([cfg.topics.arrivals], on_assign=role.on_assign)

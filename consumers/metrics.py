@@ -17,7 +17,10 @@ log = logging.getLogger(__name__)
 
 ROLES = ("replay", "encoder", "learner", "query")
 MODALITIES = ("img", "txt")
-DEAD_LETTER_REASONS = ("schema", "decode", "shape", "process")
+# schema/decode: unreadable; shape: lengths the model can't take; invalid: non-finite values, labels that
+# are not 0/1, item ids out of range; oversize: over the message limit (dead-lettered as a bounded
+# record); process: raised while processed alone; model: a model version refused.
+DEAD_LETTER_REASONS = ("schema", "decode", "shape", "invalid", "oversize", "process", "model")
 # Where /metrics listens when the caller names no address; containers set it to 0.0.0.0 so that
 # Prometheus, in its own container, can reach them.
 METRICS_ADDR_ENV = "FPOCMH_METRICS_ADDR"
@@ -50,6 +53,29 @@ class Metrics:
         )
         self.dead_letters = Counter(
             "fpocmh_dead_letters_total", "Messages sent to the dead-letter topic", ["role", "reason"], registry=registry
+        )
+        self.broker_up = Gauge(
+            "fpocmh_broker_up",
+            "1 while the role's Kafka clients reach a broker, 0 during an outage",
+            ["role"],
+            registry=registry,
+        )
+        self.topic_resets = Counter(
+            "fpocmh_topic_resets_total",
+            "Input topics found recreated or behind the role's saved offsets (the stream restarted)",
+            ["role", "topic"],
+            registry=registry,
+        )
+        self.learner_rollbacks = Counter(
+            "fpocmh_learner_rollbacks_total",
+            "Learner batches undone because a loss, gradient or parameter was not finite, or learning raised",
+            registry=registry,
+        )
+        self.model_refused = Counter(
+            "fpocmh_model_refused_total",
+            "Model versions refused: unsigned or wrongly signed, version mismatch, non-finite or collapsed",
+            ["role"],
+            registry=registry,
         )
         self.learner_steps = Counter(
             "fpocmh_learner_steps_total", "Optimiser steps per modality", ["modality"], registry=registry

@@ -1,4 +1,11 @@
-"""Model updates on the models topic: publishing a version in parts, and following the newest one."""
+"""Model updates on the models topic: publishing a version in parts, and following the newest one.
+
+A version is applied only after every check passed: all parts there and the SHA-256 right, the HMAC
+right when a key is configured (``security``), the version inside the state equal to the one in the
+part headers and newer than the one in use, and the model itself sound (finite weights, probe codes
+not collapsed: :mod:`fpocmh_core.model_check`). A version that fails is refused: a dead letter with
+reason ``model``, ``fpocmh_model_refused_total``, and the role keeps the version it has.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +19,10 @@ from confluent_kafka import Message
 from consumers.runtime import Runtime, TopicReader
 from fpocmh_core import schemas
 from fpocmh_core.learners.base import model_from_state
+from fpocmh_core.model_check import Probe, model_problems
 from fpocmh_core.nets import HashModel
 from fpocmh_core.state import ModelState, StateError
+from fpocmh_core.validation import ArrivalCheck
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +34,7 @@ def publish_model(rt: Runtime, state: ModelState, body: bytes | None = None) -> 
     """Produce ``state`` to the models topic in parts (not flushed); returns the serialized size."""
     body = state.to_bytes() if body is None else body
     max_part = rt.cfg.message_max_bytes - PART_OVERHEAD_BYTES
-    for part in schemas.split_model_update(body, state.version, state.parent_version, max_part):
+    for part in schemas.split_model_update(body, state.version, state.parent_version, max_part, rt.cfg.model_key()):
         rt.produce(
             rt.cfg.topics.models,
             schemas.encode_model_part(part),
@@ -46,10 +55,26 @@ class ModelVersion:
     state: ModelState
     model: HashModel
     published_at: float  # Unix time of the update's last part
+    arrivals: ArrivalCheck  # what an arrival must satisfy to be coded or learnt with this model
 
     @property
     def version(self) -> int:
         return self.state.version
+
+
+def arrival_check(model: HashModel, probe: Probe | None, max_item_id: int) -> ArrivalCheck:
+    """The arrival check for ``model``: its input sizes, and the label count version 0 recorded."""
+    n_labels = None if probe is None else probe.n_labels
+    return ArrivalCheck(model.image.in_dim, model.text.in_dim, n_labels, max_item_id)
+
+
+def warn_unauthenticated(role: str, key: bytes | None) -> None:
+    if key is None:
+        log.warning(
+            "%s: model updates are checksummed but not authenticated: no model key configured "
+            "(security.model_key_file, $FPOCMH_MODEL_KEY_FILE or $FPOCMH_MODEL_KEY)",
+            role,
+        )
 
 
 class ModelFollower:
@@ -62,9 +87,14 @@ class ModelFollower:
     """
 
     def __init__(self, rt: Runtime, fetch_wait_max_ms: int = 50) -> None:
-        self.rt = rt
-        self.reader = TopicReader(rt, rt.cfg.topics.models, _decode_part, fetch_wait_max_ms)
+        # Its own producer for dead letters: the role's may be transactional, and this runs on another thread.
+        self.rt = Runtime(rt.cfg, rt.role, rt.metrics, rt.stop)
+        self.reader = TopicReader(self.rt, rt.cfg.topics.models, _decode_part, fetch_wait_max_ms)
         self.assembler = schemas.ModelUpdateAssembler()
+        self.key = rt.cfg.model_key()
+        warn_unauthenticated(rt.role, self.key)
+        # The probe of the first version accepted checks every later one (an update can't bring its own).
+        self.probe: Probe | None = None
         self.error: BaseException | None = None
         self._ready: ModelVersion | None = None
         self._lock = threading.Lock()
@@ -87,8 +117,8 @@ class ModelFollower:
             log.exception("%s: following %s failed", self.rt.role, self.rt.cfg.topics.models)
 
     def _read(self, timeout_s: float) -> ModelVersion | None:
-        """The newest version completed by the parts that arrived, or None."""
-        newest: tuple[schemas.ModelUpdate, Message] | None = None
+        """The newest version that the parts which arrived complete and that passes every check, or None."""
+        newest: ModelVersion | None = None
         while True:
             batch = self.reader.poll(16, timeout_s)
             if not batch:
@@ -98,21 +128,47 @@ class ModelFollower:
                 try:
                     update = self.assembler.add(item.value)
                 except schemas.SchemaError as exc:
-                    self.rt.dead_letter(item.msg, exc.reason, exc.detail)
+                    self._refuse(item.msg, exc.reason, exc.detail)
                     continue
                 if update is not None:
-                    newest = (update, item.msg)
-        if newest is None:
+                    newest = self._verify(update, item.msg) or newest
+        return newest
+
+    def _verify(self, update: schemas.ModelUpdate, msg: Message) -> ModelVersion | None:
+        """The update as a ready model if it passes every check; else refused (dead letter) and None."""
+        what = f"model version {update.version}"
+        problem = update.signature_problem(self.key)
+        if problem:
+            self.assembler.refuse(update.version)
+            self._refuse(msg, "model", f"{what}: {problem}")
             return None
-        update, msg = newest
         try:
             state = ModelState.from_bytes(update.body, checksum=update.sha256)
             model = model_from_state(state)
         except (StateError, KeyError, RuntimeError) as exc:  # unreadable state, or tensors not matching arch
-            self.rt.dead_letter(msg, "decode", f"model version {update.version}: {exc}")
+            self.assembler.refuse(update.version)
+            self._refuse(msg, "decode", f"{what}: {exc}")
+            return None
+        if state.version != update.version:
+            self.assembler.refuse(update.version)
+            self._refuse(msg, "model", f"{what}: the state inside says version {state.version}")
             return None
         model.eval()
-        return ModelVersion(state, model, msg.timestamp()[1] / 1000.0)
+        probe = self.probe or Probe.of(state)
+        problems = model_problems(model, probe, self.rt.cfg.model_check)
+        if problems:
+            self.assembler.refuse(update.version)
+            self._refuse(msg, "model", f"{what}: " + "; ".join(problems))
+            return None
+        self.assembler.accept(update.version)
+        self.probe = probe
+        checks = arrival_check(model, probe, self.rt.cfg.validation.max_item_id)
+        return ModelVersion(state, model, msg.timestamp()[1] / 1000.0, checks)
+
+    def _refuse(self, msg: Message, reason: str, detail: str) -> None:
+        self.rt.metrics.model_refused.labels(self.rt.role).inc()
+        self.rt.dead_letter(msg, reason, detail)
+        self.rt.flush()
 
     def take(self) -> ModelVersion | None:
         """The newest version not taken yet, or None; never waits."""

@@ -5,6 +5,18 @@ reason and their source topic/partition/offset) -> process -> flush the producer
 delivery report -> only then commit the batch's offsets. A crash anywhere before the commit means the
 batch is read again (at-least-once); it never means a committed input whose output was lost.
 
+With a ``transactional_id`` (delivery ``exactly_once``, on brokers with transactions) a batch's
+outputs and its input offsets go in one Kafka transaction instead: a crash anywhere leaves either all of
+it or none of it visible to ``read_committed`` readers, and a failed transaction is aborted and the
+batch read again.
+
+Faults stay in their message: an unreadable, invalid or oversized message goes to the dead-letter topic
+(oversized ones as a bounded record: reason, origin, size, digest and a prefix, never the whole payload
+the broker would refuse again); a batch whose processing raises is processed again one message at a
+time, and the message that still raises is dead-lettered. Only broker and configuration failures stop
+a role, with a one-line reason. While the broker is away the loop keeps its batch uncommitted and
+waits (see :mod:`consumers.health`).
+
 SIGTERM and the first Ctrl-C only set a flag: the loop finishes its batch, flushes, commits and closes
 the consumer (leaving the group at once). A second Ctrl-C interrupts for real.
 """
@@ -12,6 +24,7 @@ the consumer (leaving the group at once). A second Ctrl-C interrupts for real.
 from __future__ import annotations
 
 import collections
+import hashlib
 import logging
 import signal
 import threading
@@ -22,6 +35,7 @@ from typing import Any, Protocol
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
+from consumers import faults, health
 from consumers.kafka import assign_all, make_consumer, make_producer
 from consumers.metrics import Metrics
 from consumers.settings import PipelineConfig
@@ -30,6 +44,11 @@ from fpocmh_core import schemas
 log = logging.getLogger(__name__)
 
 LAG_EVERY_S = 5.0
+PROBE_EVERY_S = 2.0
+# A dead letter that would not fit under the message limit keeps this much of the original value.
+DEAD_LETTER_PREFIX_BYTES = 4096
+# Room for a dead letter's headers and the record framing.
+DEAD_LETTER_OVERHEAD_BYTES = 16384
 # Commit errors that only mean the partition moved to another member during a rebalance: the new
 # owner reads the batch again (at-least-once), so the role carries on.
 _REBALANCE_ERRORS = {
@@ -39,10 +58,25 @@ _REBALANCE_ERRORS = {
     KafkaError._NO_OFFSET,
     KafkaError._STATE,
 }
+# Commit errors that mean "no coordinator right now" (an outage, a moving coordinator): retried.
+_COMMIT_RETRY = {
+    KafkaError._TRANSPORT,
+    KafkaError._TIMED_OUT,
+    KafkaError._WAIT_COORD,
+    KafkaError._ALL_BROKERS_DOWN,
+    KafkaError.COORDINATOR_NOT_AVAILABLE,
+    KafkaError.NOT_COORDINATOR,
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    KafkaError.REQUEST_TIMED_OUT,
+}
 
 
 class DeliveryError(RuntimeError):
-    """The broker did not acknowledge produced messages: the batch is not committed."""
+    """The broker refused produced messages: the batch is not committed."""
+
+
+class RoleStopped(RuntimeError):
+    """A failure no message caused (configuration, a fenced transactional producer): the role stops."""
 
 
 def install_signal_handlers(stop: threading.Event) -> None:
@@ -70,7 +104,11 @@ class Handler(Protocol):
         """The message's value, or raise :class:`schemas.SchemaError` (it goes to the dead-letter topic)."""
 
     def process(self, batch: list[Decoded]) -> None:
-        """Handle a batch; produce outputs with :meth:`Runtime.produce`. Raising stops the role uncommitted."""
+        """Handle a batch; produce outputs with :meth:`Runtime.produce`.
+
+        All or nothing: a handler whose state changes must leave it as it was when it raises, because
+        the batch is then processed again one message at a time (the one that raises is dead-lettered).
+        """
 
     def idle(self) -> None:
         """Called before every poll, batch or not (model hot swaps, store updates, publishing)."""
@@ -92,9 +130,25 @@ def next_offsets(msgs: Iterable[Message]) -> list[TopicPartition]:
     """The offsets to commit after ``msgs``: one past the last message of each partition."""
     top: dict[tuple[str, int], int] = {}
     for msg in msgs:
-        key = (msg.topic(), msg.partition())
-        top[key] = max(top.get(key, -1), msg.offset())
+        if msg.error() is None:
+            key = (msg.topic(), msg.partition())
+            top[key] = max(top.get(key, -1), msg.offset())
     return [TopicPartition(t, p, o + 1) for (t, p), o in top.items()]
+
+
+def first_offsets(msgs: Iterable[Message]) -> list[TopicPartition]:
+    """Where to seek to read ``msgs`` again: the first offset of each partition."""
+    low: dict[tuple[str, int], int] = {}
+    for msg in msgs:
+        if msg.error() is None:
+            key = (msg.topic(), msg.partition())
+            low[key] = min(low.get(key, msg.offset()), msg.offset())
+    return [TopicPartition(t, p, o) for (t, p), o in low.items()]
+
+
+def _record_size(msg: Message) -> int:
+    headers = sum(len(k) + len(v or b"") for k, v in msg.headers() or ())
+    return len(msg.value() or b"") + len(msg.key() or b"") + headers
 
 
 class Runtime:
@@ -107,15 +161,27 @@ class Runtime:
         metrics: Metrics,
         stop: threading.Event | None = None,
         producer_props: Mapping[str, Any] | None = None,
+        transactional_id: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.role = role
         self.metrics = metrics
         self.stop = stop or threading.Event()
+        self.health = health.for_role(role, cfg.bootstrap_servers, cfg.broker.loss_timeout_s)
+        self.health.gauge = metrics.broker_up
+        metrics.broker_up.labels(role).set(1 if self.health.is_up else 0)
         self._failures: list[str] = []
-        self.producer: Producer = make_producer(cfg, role, on_delivery=self._on_delivery, **(producer_props or {}))
+        props = dict(producer_props or {})
+        if transactional_id:
+            props["transactional.id"] = transactional_id
+        self.producer: Producer = make_producer(cfg, role, on_delivery=self._on_delivery, **props)
+        self.transactional = bool(transactional_id)
+        if self.transactional:
+            # Also aborts whatever the previous incarnation under this id left open (a kill -9 mid-batch).
+            self._txn(self.producer.init_transactions, cfg.flush_timeout_s)
         self._produced: collections.Counter[str] = collections.Counter()
         self._last_lag: dict[int, float] = {}
+        self._last_probe = 0.0
 
     # ------------------------------------------------------------------------------------- producing
 
@@ -141,33 +207,71 @@ class Runtime:
             except BufferError:
                 # The local queue is full: serve delivery reports until there is room.
                 self.producer.poll(0.05)
+            except KafkaException as exc:
+                raise DeliveryError(f"{self.role}: {topic} refused a message: {exc.args[0].str()}") from None
         self._produced[topic] += 1
 
     def flush(self) -> None:
-        """Wait until every produced message is acknowledged; raise if any was not."""
-        left = self.producer.flush(self.cfg.flush_timeout_s)
-        failures, self._failures = self._failures, []
+        """Wait until every produced message is acknowledged; raise if the broker refused any.
+
+        While the broker is away this keeps waiting (``broker.loss_timeout_s`` decides for how long); after
+        ``flush_timeout_s`` without acknowledgements the broker counts as lost. Stopping while messages are
+        still unacknowledged raises: the batch stays uncommitted and is read again.
+        """
+        waited = 0.0
+        while True:
+            left = self.producer.flush(1.0)
+            if self._failures:
+                failures, self._failures = self._failures, []
+                self._produced.clear()
+                raise DeliveryError(f"{self.role}: {len(failures)} message(s) refused: {failures[0]}")
+            if not left:
+                break
+            waited += 1.0
+            if waited >= self.cfg.flush_timeout_s:
+                self.health.lost(f"{left} message(s) unacknowledged after {waited:.0f} s")
+                if self.stop.is_set():
+                    raise DeliveryError(f"{self.role}: stopping with {left} unacknowledged message(s); not committed")
+            self.health.check()
+            self._probe()
+        self.health.back()
         produced, self._produced = self._produced, collections.Counter()
-        if left or failures:
-            raise DeliveryError(
-                f"{self.role}: {left} message(s) unacknowledged after {self.cfg.flush_timeout_s} s, "
-                f"{len(failures)} failed{': ' + failures[0] if failures else ''}"
-            )
         for topic, n in produced.items():
             self.metrics.messages_produced.labels(self.role, topic).inc(n)
 
+    def _probe(self) -> None:
+        """While the broker is away, ask for metadata every few seconds to notice it coming back."""
+        now = time.monotonic()
+        if not self.health.is_up and now - self._last_probe >= PROBE_EVERY_S:
+            self._last_probe = now
+            self.health.probe(self.producer)
+
     def dead_letter(self, msg: Message, reason: str, detail: str) -> None:
-        """Route ``msg`` unchanged to the dead-letter topic, with why and where it came from in headers."""
-        headers = list(msg.headers() or [])
-        headers += [
+        """Route ``msg`` to the dead-letter topic, with why and where it came from in headers.
+
+        The value and headers go unchanged when they fit under the message limit; otherwise the dead
+        letter is a bounded record (``dlq.truncated``: the first bytes of the value, no original headers),
+        so a message the broker would refuse never stops the role. ``dlq.size`` and ``dlq.sha256`` always
+        describe the whole original value, which stays findable at its source offset.
+        """
+        value = msg.value() or b""
+        ours = [
             (schemas.DLQ_REASON, reason.encode()),
             (schemas.DLQ_DETAIL, detail[:1000].encode()),
             (schemas.DLQ_ROLE, self.role.encode()),
             (schemas.DLQ_TOPIC, msg.topic().encode()),
             (schemas.DLQ_PARTITION, str(msg.partition()).encode()),
             (schemas.DLQ_OFFSET, str(msg.offset()).encode()),
+            (schemas.DLQ_SIZE, str(len(value)).encode()),
+            (schemas.DLQ_SHA256, hashlib.sha256(value).hexdigest().encode()),
         ]
-        self.produce(self.cfg.topics.dead_letters, msg.value() or b"", key=msg.key(), headers=headers)
+        key = msg.key()
+        if _record_size(msg) + DEAD_LETTER_OVERHEAD_BYTES > self.cfg.message_max_bytes:
+            value, key = value[:DEAD_LETTER_PREFIX_BYTES], (key or b"")[:256]
+            headers = [*ours, (schemas.DLQ_TRUNCATED, b"1")]
+        else:
+            headers = [*(msg.headers() or []), *ours]
+        self.produce(self.cfg.topics.dead_letters, value, key=key, headers=headers)
         self.metrics.dead_letters.labels(self.role, reason).inc()
         log.warning(
             "%s: %s[%d]@%d -> dead letters (%s: %s)",
@@ -190,10 +294,16 @@ class Runtime:
             if err is not None:
                 if err.fatal():
                     raise KafkaException(err)
-                if err.code() != KafkaError._PARTITION_EOF:
+                if err.code() in health.LOST:
+                    self.health.on_error(err)
+                elif err.code() != KafkaError._PARTITION_EOF:
                     log.warning("%s: consumer error: %s", self.role, err.str())
                 continue
             per_topic[msg.topic()] += 1
+            size = _record_size(msg)
+            if size > self.cfg.message_max_bytes:
+                self.dead_letter(msg, "oversize", f"{size} bytes, over message_max_bytes {self.cfg.message_max_bytes}")
+                continue
             try:
                 out.append(Decoded(msg, decode(msg)))
             except schemas.SchemaError as exc:
@@ -203,17 +313,110 @@ class Runtime:
         return out
 
     def commit(self, consumer: Consumer, offsets: list[TopicPartition]) -> bool:
-        """Synchronous commit; False (logged) when a rebalance took the partitions away first."""
+        """Synchronous commit, retried while the coordinator is away; False (logged) when a rebalance took
+        the partitions away first, or the role is stopping before the coordinator came back."""
         if not offsets:
             return True
+        while True:
+            try:
+                consumer.commit(offsets=offsets, asynchronous=False)
+                self.health.back()
+                return True
+            except KafkaException as exc:
+                code = exc.args[0].code()
+                if code in _REBALANCE_ERRORS:
+                    log.warning("%s: commit skipped (%s); the partitions' new owner re-reads them", self.role, exc)
+                    return False
+                if code not in _COMMIT_RETRY:
+                    raise
+                self.health.lost(f"commit failed: {exc.args[0].str()}")
+                if self.stop.is_set():
+                    log.warning("%s: stopping before the commit went through; the batch is read again", self.role)
+                    return False
+                self.health.check()
+                self._probe()
+                time.sleep(0.5)
+
+    def _txn(self, call: Callable[..., Any], *args: Any) -> None:
+        """One transactional producer call, retried while retriable; fenced or fatal stops the role."""
+        while True:
+            try:
+                call(*args)
+                return
+            except KafkaException as exc:
+                err = exc.args[0]
+                if err.fatal():
+                    raise RoleStopped(
+                        f"{self.role}: transactional producer failed for good ({err.str()}); another copy with the "
+                        "same transactional id took over, or the broker refused it"
+                    ) from None
+                if not err.retriable() or self.stop.is_set():
+                    raise
+                self.health.lost(err.str())
+                self.health.check()
+                self._probe()
+
+    def _process(self, handler: Handler, batch: list[Decoded]) -> None:
+        """``handler.process(batch)``; when it raises, the batch again one message at a time, and the message
+        that still raises goes to the dead-letter topic (reason ``process``): one bad message never stops a role."""
         try:
-            consumer.commit(offsets=offsets, asynchronous=False)
-            return True
+            handler.process(batch)
+            return
+        except (DeliveryError, RoleStopped, health.BrokerUnavailable, KafkaException):
+            raise
+        except Exception as exc:
+            if len(batch) == 1:
+                self.dead_letter(batch[0].msg, "process", f"{type(exc).__name__}: {exc}")
+                return
+            log.warning("%s: a batch of %d raised (%s); one message at a time now", self.role, len(batch), exc)
+        for item in batch:
+            self._process(handler, [item])
+
+    def _batch(self, consumer: Consumer, handler: Handler, msgs: list[Message], commit: bool) -> None:
+        batch = self.decode_all(msgs, handler.decode)
+        if batch:
+            self._process(handler, batch)
+        self.flush()
+        faults.point(f"{self.role}.before_commit")
+        if commit:
+            self.commit(consumer, next_offsets(msgs))
+        consumed = getattr(handler, "consumed", None)
+        if consumed is not None:
+            consumed(msgs)
+
+    def _transaction(self, consumer: Consumer, handler: Handler, msgs: list[Message]) -> None:
+        """The batch's outputs and its input offsets in one transaction; on failure, abort and read it again."""
+        self._txn(self.producer.begin_transaction)
+        try:
+            batch = self.decode_all(msgs, handler.decode)
+            if batch:
+                self._process(handler, batch)
+            faults.point(f"{self.role}.before_commit")
+            self.producer.send_offsets_to_transaction(
+                next_offsets(msgs), consumer.consumer_group_metadata(), self.cfg.flush_timeout_s
+            )
+            self.producer.commit_transaction(self.cfg.flush_timeout_s)
+            self.health.back()
         except KafkaException as exc:
-            if exc.args[0].code() not in _REBALANCE_ERRORS:
-                raise
-            log.warning("%s: commit skipped (%s); the partitions' new owner re-reads them", self.role, exc.args[0])
-            return False
+            err = exc.args[0]
+            if err.fatal():
+                raise RoleStopped(f"{self.role}: transactional producer failed for good ({err.str()})") from None
+            log.warning("%s: transaction failed (%s); aborting, the batch is read again", self.role, err.str())
+            self._failures.clear()
+            self._produced.clear()
+            self._txn(self.producer.abort_transaction, self.cfg.flush_timeout_s)
+            self._rewind(consumer, msgs)
+            return
+        produced, self._produced = self._produced, collections.Counter()
+        for topic, n in produced.items():
+            self.metrics.messages_produced.labels(self.role, topic).inc(n)
+
+    def _rewind(self, consumer: Consumer, msgs: list[Message]) -> None:
+        for tp in first_offsets(msgs):
+            try:
+                consumer.seek(tp)
+            except KafkaException as exc:  # revoked meanwhile: its new owner reads it from the committed offset
+                log.info("%s: not re-reading %s[%d] (%s)", self.role, tp.topic, tp.partition, exc.args[0].str())
 
     def run(
         self,
@@ -233,6 +436,8 @@ class Runtime:
         """
         try:
             while not self.stop.is_set():
+                self.health.check()
+                self._probe()
                 handler.idle()
                 if fill_batches:
                     msgs = consumer.consume(batch_size, poll_timeout_s)
@@ -240,12 +445,10 @@ class Runtime:
                     msgs = poll_batch(consumer, batch_size, poll_timeout_s)
                 if msgs:
                     start = time.perf_counter()
-                    batch = self.decode_all(msgs, handler.decode)
-                    if batch:
-                        handler.process(batch)
-                    self.flush()
-                    if commit:
-                        self.commit(consumer, next_offsets(msgs))
+                    if self.transactional:
+                        self._transaction(consumer, handler, msgs)
+                    else:
+                        self._batch(consumer, handler, msgs, commit)
                     self.metrics.batch_duration.labels(self.role).observe(time.perf_counter() - start)
                 self.update_lag(consumer)
             if before_close is not None:
@@ -253,7 +456,8 @@ class Runtime:
             log.info("%s: stopped: last batch flushed and committed; closing", self.role)
         finally:
             try:
-                self.producer.flush(self.cfg.flush_timeout_s)
+                if not self.transactional:
+                    self.producer.flush(self.cfg.flush_timeout_s)
             finally:
                 consumer.close()
 

@@ -16,10 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from fpocmh_core import config
+from fpocmh_core.model_check import ModelCheckConfig
 
 KAFKA_ENV_PREFIX = "FPOCMH_KAFKA_"
 # Set by the roles themselves: their commit logic depends on them.
 OWNED_PROPERTIES = ("group.id", "enable.auto.commit", "enable.auto.offset.store")
+MODEL_KEY_ENV = "FPOCMH_MODEL_KEY"
+MODEL_KEY_FILE_ENV = "FPOCMH_MODEL_KEY_FILE"
+TOPIC_RESET_POLICIES = ("stop", "earliest")
+DELIVERY_MODES = ("auto", "exactly_once", "at_least_once")
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,7 @@ class TopicConfig:
 @dataclass(frozen=True)
 class EncoderConfig:
     group: str
+    transactional_id: str
     batch_size: int
     poll_timeout_s: float
     fetch_wait_max_ms: int
@@ -74,8 +80,15 @@ class LearnerConfig:
     keep_checkpoints: int
     init: str
     bootstrap_overrides: Mapping[str, Any]
+    on_topic_reset: str
     threads: int
     metrics_port: int
+
+    def __post_init__(self) -> None:
+        if self.on_topic_reset not in TOPIC_RESET_POLICIES:
+            raise config.ConfigError(
+                f"pipeline: learner.on_topic_reset must be one of {TOPIC_RESET_POLICIES}, got {self.on_topic_reset!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -109,9 +122,27 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class BrokerConfig:
+    connect_timeout_s: float
+    loss_timeout_s: float
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    max_item_id: int
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    model_key: str
+    model_key_file: str
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     method: str
     bits: int
+    delivery: str
     kafka: Mapping[str, Any]
     topics: Topics
     partitions: Partitions
@@ -123,6 +154,10 @@ class PipelineConfig:
     linger_ms: int
     message_max_bytes: int
     flush_timeout_s: float
+    broker: BrokerConfig
+    validation: ValidationConfig
+    model_check: ModelCheckConfig
+    security: SecurityConfig
     encoder: EncoderConfig
     learner: LearnerConfig
     query: QueryConfig
@@ -130,6 +165,8 @@ class PipelineConfig:
     run: RunConfig
 
     def __post_init__(self) -> None:
+        if self.delivery not in DELIVERY_MODES:
+            raise config.ConfigError(f"pipeline: delivery must be one of {DELIVERY_MODES}, got {self.delivery!r}")
         if self.bits % 8 or self.bits <= 0:
             raise config.ConfigError(f"pipeline: bits must be a positive multiple of 8, got {self.bits}")
         if self.session_timeout_ms < 3 * self.heartbeat_interval_ms:
@@ -151,6 +188,23 @@ class PipelineConfig:
     def bootstrap_servers(self) -> str:
         """Empty when no Kafka is configured: the commands then start the embedded broker."""
         return str(self.kafka.get("bootstrap.servers", ""))
+
+    def model_key(self, environ: Mapping[str, str] | None = None) -> bytes | None:
+        """The model-update HMAC key: ``$FPOCMH_MODEL_KEY``, else the file named by ``$FPOCMH_MODEL_KEY_FILE``
+        or ``security.model_key_file`` (a Docker/Kubernetes secret), else ``security.model_key``; None: unsigned."""
+        environ = os.environ if environ is None else environ
+        if environ.get(MODEL_KEY_ENV):
+            return environ[MODEL_KEY_ENV].encode()
+        path = environ.get(MODEL_KEY_FILE_ENV) or self.security.model_key_file
+        if path:
+            try:
+                key = Path(path).read_bytes().strip()
+            except OSError as exc:
+                raise config.ConfigError(f"pipeline: security.model_key_file {path}: {exc.strerror}") from exc
+            if not key:
+                raise config.ConfigError(f"pipeline: security.model_key_file {path} is empty")
+            return key
+        return self.security.model_key.encode() or None
 
     def with_bootstrap(self, servers: str) -> PipelineConfig:
         return dataclasses.replace(self, kafka=types.MappingProxyType({**self.kafka, "bootstrap.servers": servers}))

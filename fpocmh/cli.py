@@ -54,3 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         # Config, dataset and state errors already name the file and what was expected.
         print(f"fpocmh {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        # Broker loss, delivery failures, role failures: one line that says what and where.
+        from consumers.health import BrokerUnavailable
+        from consumers.runtime import DeliveryError, RoleStopped
+
+        if not isinstance(exc, BrokerUnavailable | DeliveryError | RoleStopped):
+            raise
+        print(f"fpocmh {args.command}: error: {exc}", file=sys.stderr)
+        return 3

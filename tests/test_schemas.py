@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
+import struct
 
 import numpy as np
 import pytest
@@ -172,8 +174,47 @@ def test_a_missing_part_keeps_the_version_from_being_applied_and_a_newer_one_sup
     assert assembler.pending_versions == [1]
     done = [u for u in (assembler.add(p) for p in v2) if u is not None]
     assert [u.version for u in done] == [2]
+    assembler.accept(2)
     assert assembler.pending_versions == []
     assert assembler.add(v1[0]) is None, "an older version is never applied after a newer one"
+
+
+def test_a_completed_version_counts_as_applied_only_once_accepted_so_a_forged_high_version_freezes_nothing():
+    assembler = schemas.ModelUpdateAssembler()
+    forged = wire(schemas.split_model_update(state_body(5), 999, 5, 100_000))
+    assert assembler.add(forged[0]).version == 999
+    assembler.refuse(999)  # the caller found the state inside saying version 5
+    genuine = wire(schemas.split_model_update(state_body(6), 6, 5, 100_000))
+    assert assembler.add(genuine[0]).version == 6, "genuine later versions still complete"
+    assert assembler.add(forged[0]) is None, "a refused version is never assembled again"
+
+
+def test_a_signed_update_verifies_only_under_its_own_key_and_unsigned_ones_fail_when_a_key_is_set():
+    body = state_body(7)
+    (signed,) = [
+        u
+        for u in map(schemas.ModelUpdateAssembler().add, wire(schemas.split_model_update(body, 7, 6, 10**6, b"k1")))
+        if u
+    ]
+    (unsigned,) = [
+        u for u in map(schemas.ModelUpdateAssembler().add, wire(schemas.split_model_update(body, 7, 6, 10**6))) if u
+    ]
+    assert signed.signature_problem(b"k1") is None
+    assert signed.signature_problem(b"k2") == "wrong signature"
+    assert unsigned.signature_problem(b"k1").startswith("unsigned")
+    assert unsigned.signature_problem(None) is None and signed.signature_problem(None) is None
+
+
+def test_a_signature_covers_the_version_so_a_signed_update_replayed_under_another_version_fails():
+    digest = hashlib.sha256(state_body(8)).digest()
+    assert schemas.sign_update(b"k", 8, 7, 100, digest) != schemas.sign_update(b"k", 9, 7, 100, digest)
+
+
+def test_version_1_model_parts_written_before_signatures_still_decode_as_unsigned():
+    part = schemas.split_model_update(state_body(1), 1, 0, 10**6)[0]
+    v1_body = struct.pack("<qqIIQ32s", 1, 0, 0, 1, part.total_size, part.sha256) + part.chunk
+    decoded = schemas.decode_model_part(v1_body, schemas.schema_headers(schemas.MODEL_PART, 1))
+    assert decoded.chunk == part.chunk and decoded.signature == bytes(32)
 
 
 def test_a_bad_checksum_is_an_error_and_the_version_is_not_applied():

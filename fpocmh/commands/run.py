@@ -40,12 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def version_zero(cfg: Any, ds: Any, split: Any, p1cfg: Any) -> Path:
     """A checkpoint of version 0, trained on the P1 offline part once and reused by later runs."""
     from fpocmh_core.config import CONFIG_DIR, to_dict
-    from fpocmh_core.learners.registry import learner_class
     from fpocmh_core.state import save_checkpoint
 
     # The defaults bootstrap reads are part of the recipe: a changed default retrains version 0.
     defaults = [path for path in (CONFIG_DIR / f"{cfg.method}.yaml", CONFIG_DIR / "offline.yaml") if path.is_file()]
     recipe = {
+        "probe_items": cfg.model_check.probe_items,
         "method": cfg.method,
         "bits": cfg.bits,
         "data": ds.fingerprint(),
@@ -61,12 +61,12 @@ def version_zero(cfg: Any, ds: Any, split: Any, p1cfg: Any) -> Path:
     print(f"version 0: training {cfg.method} ({cfg.bits} bits) on {split.offline.size} offline pairs", flush=True)
     import torch
 
+    from consumers.learner import train_version_zero
+
     # As many threads as the learner gets: on a shared machine, more threads than free cores is slower.
     torch.set_num_threads(cfg.learner.threads)
     start = time.monotonic()
-    overrides = json.loads(json.dumps(to_dict(cfg.learner.bootstrap_overrides)))
-    learner = learner_class(cfg.method).bootstrap(ds, split.offline, cfg.bits, overrides, progress=True)
-    save_checkpoint(learner.export_state(), directory, {"recipe": recipe})
+    save_checkpoint(train_version_zero(cfg, ds, split.offline), directory, {"recipe": recipe})
     print(f"version 0: trained in {time.monotonic() - start:.0f} s, saved to {directory}", flush=True)
     return directory
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -47,12 +49,24 @@ def require_keys(keys: set[str], needed: tuple[str, ...], path: Path) -> None:
         raise DatasetError(f"{path}: missing key(s) {missing}; the file has {sorted(keys)}")
 
 
+# What numpy raises on a truncated or corrupt .npz: at open (no zip directory) or while inflating a member.
+_UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
 def load_npz(path: Path) -> CrossModalDataset:
     """Our layout: ``img_feat``, ``txt_feat``, ``labels``; optional ``split``, ``label_names``, extras."""
     try:
-        npz = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise DatasetError(f"{path}: not a readable .npz file ({exc})") from exc
+        return _read_npz(path)
+    except DatasetError:
+        raise
+    except _UNREADABLE as exc:
+        raise DatasetError(
+            f"{path}: not a readable .npz file, truncated or corrupt ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _read_npz(path: Path) -> CrossModalDataset:
+    npz = np.load(path, allow_pickle=False)
     with npz:
         keys = set(npz.files)
         require_keys(keys, ("img_feat", "txt_feat", "labels"), path)

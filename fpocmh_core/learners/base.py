@@ -91,10 +91,11 @@ class OnlineLearner(ABC):
         return self.version
 
 
-# What a model update on the wire carries: the hash networks (all that encoders and query consumers use)
-# and the anchor bank. Optimiser state, accumulated gradients and rehearsal samples stay in the
-# learner's checkpoints; they would triple the update's size for readers that never look at them.
-PUBLISHED_PREFIXES = ("model", "bank")
+# What a model update on the wire carries: the hash networks (all that encoders and query consumers use),
+# the anchor bank, and the probe set readers check a version on (fpocmh_core/model_check.py). Optimiser
+# state, accumulated gradients and rehearsal samples stay in the learner's checkpoints; they would
+# triple the update's size for readers that never look at them.
+PUBLISHED_PREFIXES = ("model", "bank", "probe")
 
 
 def published(state: ModelState) -> ModelState:

@@ -1,0 +1,137 @@
+"""Is the broker there? What every Kafka client of a role reports, shown as a metric and one log line per change.
+
+librdkafka retries a lost broker by itself and only says so in its own log lines, so a role could wait
+for minutes without a word. Each role's clients report to one :class:`BrokerHealth` (their ``error_cb``);
+it logs one line when the broker goes and one when it comes back, keeps ``fpocmh_broker_up`` current,
+and, after ``broker.loss_timeout_s`` without a broker (0: never), makes the role stop with
+:class:`BrokerLost`. The client library's own log lines go through Python logging as ``kafka.<role>``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient
+
+log = logging.getLogger(__name__)
+
+# Client errors that mean "no broker answers" (as opposed to a refused request).
+LOST = {KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE}
+
+
+class BrokerUnavailable(RuntimeError):
+    """No broker answered: at start-up within ``broker.connect_timeout_s``, or for ``loss_timeout_s`` later."""
+
+
+class BrokerLost(BrokerUnavailable):
+    """A running role has been without a broker for longer than ``broker.loss_timeout_s``."""
+
+
+class BrokerHealth:
+    """Broker reachability as one role's clients see it (thread-safe: librdkafka calls back on its threads)."""
+
+    def __init__(self, role: str, bootstrap: str, loss_timeout_s: float, gauge: Any | None = None) -> None:
+        self.role = role
+        self.bootstrap = bootstrap
+        self.loss_timeout_s = loss_timeout_s
+        self.gauge = gauge
+        self.down_since: float | None = None
+        self.outages = 0
+        self._lock = threading.Lock()
+        self._set_gauge(1)
+
+    def _set_gauge(self, value: int) -> None:
+        if self.gauge is not None:
+            self.gauge.labels(self.role).set(value)
+
+    def on_error(self, err: KafkaError) -> None:
+        """librdkafka's ``error_cb``."""
+        if err.code() in LOST:
+            self.lost(err.str())
+        else:
+            log.warning("%s: Kafka client error: %s", self.role, err.str())
+
+    def lost(self, why: str) -> None:
+        with self._lock:
+            if self.down_since is not None:
+                return
+            self.down_since = time.monotonic()
+            self.outages += 1
+        self._set_gauge(0)
+        then = (
+            f"stopping after {self.loss_timeout_s:.0f} s without it (broker.loss_timeout_s)"
+            if self.loss_timeout_s > 0
+            else "retrying until it is back (broker.loss_timeout_s = 0)"
+        )
+        log.error("%s: lost the broker at %s (%s); %s", self.role, self.bootstrap, why, then)
+
+    def back(self) -> None:
+        with self._lock:
+            since, self.down_since = self.down_since, None
+        if since is not None:
+            self._set_gauge(1)
+            log.warning("%s: broker at %s is back after %.1f s", self.role, self.bootstrap, time.monotonic() - since)
+
+    @property
+    def is_up(self) -> bool:
+        return self.down_since is None
+
+    def check(self) -> None:
+        """Raise :class:`BrokerLost` once the broker has been gone for longer than the loss timeout."""
+        since = self.down_since
+        if since is not None and self.loss_timeout_s > 0 and time.monotonic() - since > self.loss_timeout_s:
+            raise BrokerLost(
+                f"{self.role}: no broker at {self.bootstrap} for {time.monotonic() - since:.0f} s "
+                f"(broker.loss_timeout_s = {self.loss_timeout_s:.0f}); stopping"
+            )
+
+    def probe(self, client: Any, timeout_s: float = 1.0) -> bool:
+        """While down: one metadata request through ``client``; marks the broker back when it answers."""
+        try:
+            if client.list_topics(timeout=timeout_s).brokers:
+                self.back()
+                return True
+        except KafkaException:
+            pass
+        return False
+
+
+_ROLES: dict[str, BrokerHealth] = {}
+_ROLES_LOCK = threading.Lock()
+
+
+def for_role(role: str, bootstrap: str, loss_timeout_s: float) -> BrokerHealth:
+    """The one :class:`BrokerHealth` of ``role`` in this process: every client the role makes reports to it,
+    wherever it is made (producer, group consumer, topic readers, model follower)."""
+    with _ROLES_LOCK:
+        health = _ROLES.get(role)
+        if health is None or health.bootstrap != bootstrap:
+            health = _ROLES[role] = BrokerHealth(role, bootstrap, loss_timeout_s)
+        return health
+
+
+def client_logger(role: str) -> logging.Logger:
+    """The logger librdkafka's lines go to for ``role``'s clients (quiet below WARNING unless -v)."""
+    logger = logging.getLogger(f"kafka.{role}")
+    if logger.level == logging.NOTSET and not logging.getLogger().isEnabledFor(logging.DEBUG):
+        logger.setLevel(logging.WARNING)
+    return logger
+
+
+def require_reachable(conf: dict[str, Any], timeout_s: float) -> None:
+    """Raise :class:`BrokerUnavailable` with one line naming the address unless a broker answers in time."""
+    bootstrap = conf.get("bootstrap.servers", "")
+    admin = AdminClient({**conf, "logger": client_logger("connect")})
+    try:
+        if admin.list_topics(timeout=timeout_s).brokers:
+            return
+    except KafkaException as exc:
+        raise BrokerUnavailable(
+            f"no Kafka broker answered at {bootstrap} within {timeout_s:.0f} s ({exc.args[0].str()}); "
+            "check --bootstrap / kafka.bootstrap.servers, or start one with `fpocmh broker`"
+        ) from None
+    raise BrokerUnavailable(f"no Kafka broker answered at {bootstrap} within {timeout_s:.0f} s")

@@ -1,0 +1,86 @@
+"""The checks every arrival and every query passes before it reaches a model or a stored code.
+
+Database codes are written once and never re-hashed, so a bad value that reaches a model (as a
+gradient) or the store (as a code) stays there for good. Every role that reads arrivals (encoder,
+learner) runs :meth:`ArrivalCheck.check` on each decoded record, and the query role runs
+:func:`check_query_features`; a failure is a :class:`~fpocmh_core.schemas.SchemaError` whose reason
+names the kind of fault, so the message goes to the dead-letter topic with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fpocmh_core.records import ItemRecord, Modality
+from fpocmh_core.schemas import SchemaError
+
+# Item ids are non-negative (-1 pads answers) and at most 2^53 - 1, so they survive JSON clients.
+MAX_ITEM_ID = 2**53 - 1
+# Reasons of the dead letters these checks produce.
+SHAPE = "shape"
+INVALID = "invalid"
+
+
+@dataclass(frozen=True)
+class ArrivalCheck:
+    """What an arrival must satisfy for the model in use: feature lengths, label count, finite values."""
+
+    image_dim: int
+    text_dim: int
+    n_labels: int | None = None  # None: the model does not say (labels are then checked for values only)
+    max_item_id: int = MAX_ITEM_ID
+
+    def dim(self, modality: Modality) -> int:
+        return self.image_dim if modality is Modality.IMAGE else self.text_dim
+
+    def check(self, record: ItemRecord) -> ItemRecord:
+        """``record`` unchanged, or raise :class:`SchemaError` (reason ``shape`` or ``invalid``)."""
+        item = record.item_id
+        if not 0 <= item <= self.max_item_id:
+            raise SchemaError(INVALID, f"item id {item} outside [0, {self.max_item_id}]")
+        if record.image is None and record.text is None:
+            raise SchemaError(SHAPE, f"item {item}: an arrival needs at least one modality")
+        for modality in (Modality.IMAGE, Modality.TEXT):
+            features = record.features(modality)
+            if features is not None:
+                problem = feature_problem(features, self.dim(modality))
+                if problem:
+                    raise SchemaError(problem[0], f"item {item}: {modality.short} {problem[1]}")
+        if record.labels is not None:
+            self._check_labels(item, record.labels)
+        return record
+
+    def _check_labels(self, item: int, labels: np.ndarray) -> None:
+        if labels.ndim != 1 or (self.n_labels is not None and labels.shape[0] != self.n_labels):
+            want = "a 1-D vector" if self.n_labels is None else f"{self.n_labels} labels"
+            raise SchemaError(SHAPE, f"item {item}: labels of shape {labels.shape}, expected {want}")
+        if not np.isin(labels, (0, 1)).all():
+            raise SchemaError(INVALID, f"item {item}: labels must be 0/1 (multi-hot), got {np.unique(labels)[:5]}")
+
+
+def feature_problem(features: np.ndarray, dim: int) -> tuple[str, str] | None:
+    """(reason, what is wrong) for a feature vector the model can't take, else None.
+
+    Values are checked after the cast to float32 the networks apply, so 1e300 (finite in float64,
+    infinite in float32) is caught too.
+    """
+    if features.ndim != 1 or features.shape[0] != dim:
+        return SHAPE, f"features of shape {features.shape}, the model takes {dim}"
+    if features.dtype.kind == "f":
+        cast = features.astype(np.float32, copy=False)
+        if not np.isfinite(cast).all():
+            bad = int((~np.isfinite(cast)).sum())
+            return INVALID, f"features have {bad} non-finite value(s) (NaN, Inf, or beyond float32)"
+    return None
+
+
+def check_query_features(features: np.ndarray, dim: int) -> str | None:
+    """Why a query's (n, dim) feature matrix can't be hashed, or None."""
+    if features.ndim != 2 or features.shape[1] != dim:
+        return f"features of shape {features.shape}; the model takes {dim} per row"
+    if features.dtype.kind == "f" and not np.isfinite(features.astype(np.float32, copy=False)).all():
+        rows = np.flatnonzero(~np.isfinite(features.astype(np.float32, copy=False)).all(axis=1))
+        return f"row(s) {rows[:5].tolist()} have non-finite values (NaN, Inf, or beyond float32)"
+    return None
