@@ -24,7 +24,6 @@ says whether to stop with a message or to learn the new topic from its beginning
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import queue
@@ -34,7 +33,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from confluent_kafka import Consumer, Message, TopicPartition
 
@@ -56,13 +54,6 @@ log = logging.getLogger(__name__)
 
 Offsets = dict[tuple[str, int], int]
 TOPIC_CHECK_EVERY_S = 10.0
-
-
-def detached(state: ModelState) -> ModelState:
-    """A copy sharing no array with the learner, which keeps learning while the copy is published
-    (an exported state may hold live arrays that ``learn`` updates in place, e.g. anchor bank rows)."""
-    tensors = {name: np.array(value, copy=True) for name, value in state.tensors.items()}
-    return dataclasses.replace(state, tensors=tensors, meta=json.loads(json.dumps(state.meta)))
 
 
 class Checkpoints:
@@ -200,7 +191,7 @@ class LearnerRole:
         self.consumer: Consumer | None = None
         self.items_since_publish = 0
         self.last_publish = time.monotonic()
-        self.last_published = detached(learner.export_state())
+        self.last_published = learner.export_state().detached()
         self.budget_s = rt.cfg.max_poll_interval_ms / 1000.0
         self._topic_checked = time.monotonic()
 
@@ -273,7 +264,7 @@ class LearnerRole:
         self.learner.bump_version()
         self.items_since_publish = 0
         self.last_publish = time.monotonic()
-        state = detached(self.learner.export_state())
+        state = self.learner.export_state().detached()
         problems = model_problems(self.learner.model, self.probe, self.rt.cfg.model_check)
         if problems:
             self.rt.metrics.model_refused.labels("learner").inc()

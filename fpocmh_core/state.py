@@ -68,6 +68,12 @@ class ModelState:
             meta=header["meta"],
         )
 
+    def detached(self) -> ModelState:
+        """A copy sharing no array with whoever exported it: a learner's exported state may hold live arrays
+        that ``learn`` keeps updating in place (e.g. anchor bank rows)."""
+        tensors = {name: np.array(value, copy=True) for name, value in self.tensors.items()}
+        return replace(self, tensors=tensors, meta=json.loads(json.dumps(self.meta)))
+
     def only(self, *prefixes: str) -> ModelState:
         """The same version with only the tensors under ``prefixes`` (meta kept whole)."""
         starts = tuple(p + "." for p in prefixes)

@@ -69,7 +69,8 @@ def feature_problem(features: np.ndarray, dim: int) -> tuple[str, str] | None:
     if features.ndim != 1 or features.shape[0] != dim:
         return SHAPE, f"features of shape {features.shape}, the model takes {dim}"
     if features.dtype.kind == "f":
-        cast = features.astype(np.float32, copy=False)
+        with np.errstate(over="ignore"):
+            cast = features.astype(np.float32, copy=False)
         if not np.isfinite(cast).all():
             bad = int((~np.isfinite(cast)).sum())
             return INVALID, f"features have {bad} non-finite value(s) (NaN, Inf, or beyond float32)"
@@ -80,7 +81,9 @@ def check_query_features(features: np.ndarray, dim: int) -> str | None:
     """Why a query's (n, dim) feature matrix can't be hashed, or None."""
     if features.ndim != 2 or features.shape[1] != dim:
         return f"features of shape {features.shape}; the model takes {dim} per row"
-    if features.dtype.kind == "f" and not np.isfinite(features.astype(np.float32, copy=False)).all():
-        rows = np.flatnonzero(~np.isfinite(features.astype(np.float32, copy=False)).all(axis=1))
-        return f"row(s) {rows[:5].tolist()} have non-finite values (NaN, Inf, or beyond float32)"
+    if features.dtype.kind == "f":
+        with np.errstate(over="ignore"):
+            finite = np.isfinite(features.astype(np.float32, copy=False)).all(axis=1)
+        if not finite.all():
+            return f"row(s) {np.flatnonzero(~finite)[:5].tolist()} have non-finite values (NaN, Inf, or beyond float32)"
     return None

@@ -17,6 +17,7 @@ from consumers.models import publish_model
 from consumers.runtime import Runtime
 from consumers.settings import PipelineConfig
 from fpocmh_core import schemas
+from fpocmh_core.model_check import Probe
 from fpocmh_core.nets import HashModel
 from fpocmh_core.records import ItemRecord
 from fpocmh_core.state import ModelState
@@ -31,6 +32,17 @@ def model_state(dims: tuple[int, int], bits: int, version: int = 0, seed: int = 
     model = HashModel.create(dims, bits, hidden=(64,), seed=seed)
     parent = None if version == 0 else version - 1
     return ModelState("naive", version, parent, model.tensors(), {"arch": model.arch()})
+
+
+def checked_model_state(ds: Any, bits: int, version: int = 0, seed: int = 0) -> ModelState:
+    """An untrained model that passes the model check (inputs scaled to the data), with a probe set from
+    the data: what a role needs to check arrivals (label count) and later versions."""
+    model = HashModel.create(ds.dims, bits, hidden=(64,), seed=seed)
+    model.image.fit_scaler(ds.image[:2000])
+    model.text.fit_scaler(ds.text[:2000], per_feature=False)
+    parent = None if version == 0 else version - 1
+    state = ModelState("naive", version, parent, model.tensors(), {"arch": model.arch()})
+    return Probe.draw(ds.image[:4000], ds.text[:4000], ds.n_labels, 256).attach(state)
 
 
 def publish(cfg: PipelineConfig, state: ModelState) -> None:

@@ -44,7 +44,7 @@ class GuardedLearner:
         self.rollbacks = 0
 
     def learn(self, batch: Sequence[ItemRecord]) -> LearnReport:
-        saved = self.learner.export_state()
+        saved = self.learner.export_state().detached()
         try:
             report = self.learner.learn(batch)
         except Exception:
