@@ -161,22 +161,22 @@ def encoder_in_process(
     """The encoder's work without the broker, on the same bytes: decode, hash, encode code records."""
     import torch
 
-    from consumers.encoder import check_dims, encode_records
+    from consumers.encoder import encode_records
     from fpocmh_core import schemas
     from fpocmh_core.learners.base import model_from_state
     from fpocmh_core.records import Modality
+    from fpocmh_core.validation import ArrivalCheck
 
     torch.set_num_threads(cfg.encoder.threads)
     model = model_from_state(state)
     model.eval()
     batch = cfg.encoder.batch_size
+    check = ArrivalCheck(model.image.in_dim, model.text.in_dim)
     full = []
     for _ in range(repeats):
         start = time.perf_counter()
         for i in range(0, len(messages), batch):
-            records = [schemas.decode_arrival(v, h) for _k, v, h in messages[i : i + batch]]
-            for r in records:
-                check_dims(r, (model.image.in_dim, model.text.in_dim))
+            records = [check.check(schemas.decode_arrival(v, h)) for _k, v, h in messages[i : i + batch]]
             [schemas.encode_code(c) for c in encode_records(model, records, 0)]
         full.append(len(messages) / (time.perf_counter() - start))
     # The MLP alone on image items, for comparison with the design note (~30,000 items/s on one core).

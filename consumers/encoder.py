@@ -9,8 +9,9 @@ transaction with its input offsets, under a ``transactional.id`` that survives r
 anywhere in a batch leaves every key with one committed code even when the model version changed in
 between; ``at_least_once`` commits the input offsets after the codes are acknowledged (see
 :mod:`consumers.runtime`). ``auto`` takes exactly-once where the broker has transactions (Apache
-Kafka) and at-least-once where it has not (the embedded tansu broker). More copies in the same group
-share the arrivals' partitions.
+Kafka) and at-least-once where it has not (the embedded tansu broker); there, the version each range
+of offsets is coded with is recorded before the codes (:mod:`consumers.intents`), so a batch read again
+after a crash gets the same codes. More copies in the same group share the arrivals' partitions.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import threading
 
 import numpy as np
 import torch
-from confluent_kafka import Message
+from confluent_kafka import Consumer, Message, TopicPartition
 
+from consumers.intents import IntentLog
 from consumers.kafka import make_consumer, transactions_supported
 from consumers.metrics import Metrics
 from consumers.models import ModelFollower, ModelVersion
@@ -61,9 +63,12 @@ def _present(record: ItemRecord) -> tuple[Modality, ...]:
 class Encoder:
     """The encoder's :class:`~consumers.runtime.Handler`."""
 
-    def __init__(self, rt: Runtime, models: ModelFollower, first: ModelVersion) -> None:
+    def __init__(
+        self, rt: Runtime, models: ModelFollower, first: ModelVersion, intents: IntentLog | None = None
+    ) -> None:
         self.rt = rt
         self.models = models
+        self.intents = intents
         self.codes_topic = rt.cfg.topics.codes
         self._use(first)
 
@@ -74,6 +79,12 @@ class Encoder:
         if self.model.bits != self.rt.cfg.bits:
             log.warning("model has %d bits, the pipeline config says %d", self.model.bits, self.rt.cfg.bits)
 
+    def on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """A partition that changed hands may hold a batch its last owner coded but did not commit."""
+        if self.intents is not None:
+            self.intents.refresh()
+        consumer.assign(partitions)
+
     def idle(self) -> None:
         ready = self.models.take()
         if ready is not None:
@@ -83,8 +94,35 @@ class Encoder:
         return self.check.check(schemas.decode_arrival(msg.value(), msg.headers()))
 
     def process(self, batch: list[Decoded]) -> None:
-        for code in encode_records(self.model, [d.value for d in batch], self.version):
-            self.rt.produce(self.codes_topic, schemas.encode_code(code), key=code.key, headers=schemas.CODE_HEADERS)
+        by_version = self._plan(batch) if self.intents is not None else {self.version: [d.value for d in batch]}
+        for version, records in by_version.items():
+            model = self.model if version == self.version else self.models.recent(version).model
+            for code in encode_records(model, records, version):
+                body = schemas.encode_code(code)
+                self.rt.produce(self.codes_topic, body, key=code.key, headers=schemas.CODE_HEADERS)
+
+    def _plan(self, batch: list[Decoded]) -> dict[int, list[ItemRecord]]:
+        """At least once: each arrival's version (the one recorded for its offset, else the current one),
+        and the new ranges recorded before any code is produced."""
+        assert self.intents is not None
+        plan: dict[int, list[ItemRecord]] = {}
+        fresh: dict[tuple[str, int], list[int]] = {}
+        first: dict[tuple[str, int], int] = {}
+        for d in batch:
+            part, offset = (d.msg.topic(), d.msg.partition()), d.msg.offset()
+            first[part] = min(first.get(part, offset), offset)
+            version = self.intents.version_at(part, offset)
+            if version is not None and version != self.version and self.models.recent(version) is None:
+                log.warning("encoder: version %d recorded for %s@%d is no longer at hand", version, part, offset)
+                version = None
+            if version is None:
+                fresh.setdefault(part, []).append(offset)
+                version = self.version
+            plan.setdefault(version, []).append(d.value)
+        if fresh:
+            ranges = [(p, schemas.CodingRange(min(o), max(o) + 1, self.version)) for p, o in fresh.items()]
+            self.intents.record(ranges, committed=first)
+        return plan
 
 
 def run_encoder(cfg: PipelineConfig, metrics: Metrics, stop: threading.Event | None = None) -> None:
@@ -98,9 +136,12 @@ def run_encoder(cfg: PipelineConfig, metrics: Metrics, stop: threading.Event | N
         first = models.wait_first(rt.stop)
         if first is None:
             return
-        encoder = Encoder(rt, models, first)
-        consumer = make_consumer(cfg, "encoder", cfg.encoder.group, cfg.encoder.fetch_wait_max_ms)
-        consumer.subscribe([cfg.topics.arrivals])
+        intents = None if txn_id else IntentLog(Runtime(cfg, "encoder", metrics, rt.stop), cfg.encoder.group)
+        encoder = Encoder(rt, models, first, intents)
+        # Static membership under the same stable id: a restarted encoder takes its partitions back at once.
+        static = {"group.instance.id": txn_id} if txn_id else {}
+        consumer = make_consumer(cfg, "encoder", cfg.encoder.group, cfg.encoder.fetch_wait_max_ms, **static)
+        consumer.subscribe([cfg.topics.arrivals], on_assign=encoder.on_assign)
         log.info("encoder: model version %d; consuming %s", first.version, cfg.topics.arrivals)
         rt.run(consumer, encoder, cfg.encoder.batch_size, cfg.encoder.poll_timeout_s, fill_batches=True)
     finally:

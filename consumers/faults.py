@@ -2,7 +2,7 @@
 
 ``FPOCMH_FAULT=<point>:<n>`` makes the process SIGKILL itself the ``n``-th time it reaches ``point``
 (for example ``encoder.before_commit:3``: with its third batch's codes produced, before the batch is
-committed). Unset, a point costs one dictionary lookup. Never set it outside tests.
+committed). Unset, a point costs one comparison. Never set it outside tests.
 """
 
 from __future__ import annotations
@@ -11,15 +11,22 @@ import os
 import signal
 
 FAULT_ENV = "FPOCMH_FAULT"
-_spec = os.environ.get(FAULT_ENV, "")
-_point, _, _count = _spec.partition(":")
-_left = int(_count) if _spec and _count.isdigit() else 0
+_armed: list[tuple[str, int]] = []
+
+
+def arm(spec: str) -> None:
+    """``"<point>:<n>"``: die at the n-th visit of ``point`` (empty: disarm)."""
+    name, _, count = spec.partition(":")
+    _armed[:] = [(name, int(count))] if name and count.isdigit() and int(count) > 0 else []
 
 
 def point(name: str) -> None:
-    """Die here (SIGKILL, nothing flushed or committed) if this is the configured fault's n-th visit."""
-    global _left
-    if _left and name == _point:
-        _left -= 1
-        if _left == 0:
+    """Die here (SIGKILL: nothing flushed or committed) if this is the armed fault's n-th visit."""
+    if _armed and _armed[0][0] == name:
+        left = _armed[0][1] - 1
+        if left == 0:
             os.kill(os.getpid(), signal.SIGKILL)
+        _armed[0] = (name, left)
+
+
+arm(os.environ.get(FAULT_ENV, ""))

@@ -23,9 +23,10 @@ from consumers.settings import PipelineConfig
 
 log = logging.getLogger(__name__)
 
-TOPIC_NAMES = ("arrivals", "codes", "models", "queries", "results", "dead_letters")
-# The code store and the model store are tables: the newest record per key is all a reader needs.
-COMPACTED = ("codes", "models")
+TOPIC_NAMES = ("arrivals", "codes", "models", "queries", "results", "dead_letters", "encoder_state")
+# The code store, the model store and the encoders' intents are tables: the newest record per key is all
+# a reader needs.
+COMPACTED = ("codes", "models", "encoder_state")
 
 
 def _base(cfg: PipelineConfig) -> dict[str, Any]:

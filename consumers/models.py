@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 # Room for the part header, the key, the record headers and the record-batch framing.
 PART_OVERHEAD_BYTES = 16384
+# Accepted versions kept ready besides the newest: an at-least-once encoder re-coding a batch after a
+# crash needs the version the batch's first attempt used (consumers/intents.py).
+RECENT_VERSIONS = 8
 
 
 def publish_model(rt: Runtime, state: ModelState, body: bytes | None = None) -> int:
@@ -97,6 +100,7 @@ class ModelFollower:
         self.probe: Probe | None = None
         self.error: BaseException | None = None
         self._ready: ModelVersion | None = None
+        self._recent: dict[int, ModelVersion] = {}
         self._lock = threading.Lock()
         self._caught_up = threading.Event()
         self._closing = threading.Event()
@@ -163,7 +167,17 @@ class ModelFollower:
         self.assembler.accept(update.version)
         self.probe = probe
         checks = arrival_check(model, probe, self.rt.cfg.validation.max_item_id)
-        return ModelVersion(state, model, msg.timestamp()[1] / 1000.0, checks)
+        ready = ModelVersion(state, model, msg.timestamp()[1] / 1000.0, checks)
+        with self._lock:
+            self._recent[ready.version] = ready
+            for old in sorted(self._recent)[:-RECENT_VERSIONS]:
+                del self._recent[old]
+        return ready
+
+    def recent(self, version: int) -> ModelVersion | None:
+        """An accepted version still kept (the newest few), or None."""
+        with self._lock:
+            return self._recent.get(version)
 
     def _refuse(self, msg: Message, reason: str, detail: str) -> None:
         self.rt.metrics.model_refused.labels(self.rt.role).inc()

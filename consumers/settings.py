@@ -35,6 +35,7 @@ class Topics:
     queries: str
     results: str
     dead_letters: str
+    encoder_state: str
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Partitions:
     queries: int
     results: int
     dead_letters: int
+    encoder_state: int
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class TopicConfig:
     queries: Mapping[str, Any]
     results: Mapping[str, Any]
     dead_letters: Mapping[str, Any]
+    encoder_state: Mapping[str, Any]
 
 
 @dataclass(frozen=True)

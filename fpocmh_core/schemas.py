@@ -36,6 +36,7 @@ ARRIVAL = "fpocmh.arrival"
 CODE = "fpocmh.code"
 MODEL_PART = "fpocmh.model_part"
 QUERY = "fpocmh.query"
+INTENT = "fpocmh.encoder_intent"
 RESULT = "fpocmh.result"
 
 # Dead-letter headers: why the message was rejected and where it came from. The value and the
@@ -501,6 +502,39 @@ class ModelUpdateAssembler:
             del self._pending[min(self._pending)]
 
 
+# ------------------------------------------------------------------------------------ encoder intents
+
+_RANGE = struct.Struct("<qqq")  # from offset, up to offset (exclusive), model version
+INTENT_HEADERS = schema_headers(INTENT, 1)
+
+
+@dataclass(frozen=True)
+class CodingRange:
+    """Arrivals at offsets [start, stop) of one partition are (being) coded with ``version``."""
+
+    start: int
+    stop: int
+    version: int
+
+
+def intent_key(group: str, topic: str, partition: int) -> bytes:
+    return f"{group}:{topic}:{partition}".encode()
+
+
+def encode_intent(ranges: Sequence[CodingRange]) -> bytes:
+    return b"".join(_RANGE.pack(r.start, r.stop, r.version) for r in ranges)
+
+
+def _decode_intent_v1(body: bytes) -> tuple[CodingRange, ...]:
+    if len(body) % _RANGE.size:
+        raise SchemaError("decode", f"{INTENT}: {len(body)} bytes is not a whole number of ranges")
+    return tuple(CodingRange(*_RANGE.unpack_from(body, i)) for i in range(0, len(body), _RANGE.size))
+
+
+def decode_intent(body: bytes | None, headers: Headers | None) -> tuple[CodingRange, ...]:
+    return _DECODERS[INTENT][schema_version(headers, INTENT)](body)
+
+
 # ----------------------------------------------------------------------------------- queries and results
 
 _QUERY_V1 = struct.Struct("<BBIi")  # modality, target modality, k, reply partition (-1: any)
@@ -621,5 +655,6 @@ _DECODERS = {
     CODE: {1: _guard(_decode_code_v1)},
     MODEL_PART: {1: _guard(_decode_model_part_v1), 2: _guard(_decode_model_part_v2)},
     QUERY: {1: _guard(_decode_query_v1)},
+    INTENT: {1: _guard(_decode_intent_v1)},
     RESULT: {1: _guard(_decode_result_v1)},
 }
