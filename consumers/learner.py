@@ -39,7 +39,8 @@ from confluent_kafka import Consumer, Message, TopicPartition
 from consumers.kafka import make_consumer, topic_id, watermarks_are_exact
 from consumers.metrics import MODALITIES, Metrics
 from consumers.models import arrival_check, publish_model, warn_unauthenticated
-from consumers.runtime import Decoded, RoleStopped, Runtime, next_offsets
+from consumers.pacing import Pacer
+from consumers.runtime import Decoded, RoleStopped, Runtime, next_offsets, partition_lag
 from consumers.settings import PipelineConfig
 from fpocmh_core import schemas
 from fpocmh_core.config import to_dict as config_dict
@@ -194,6 +195,9 @@ class LearnerRole:
         self.last_published = learner.export_state().detached()
         self.budget_s = rt.cfg.max_poll_interval_ms / 1000.0
         self._topic_checked = time.monotonic()
+        self.pacer = Pacer(rt.cfg.learner.pacing)
+        self.skipped = 0
+        rt.metrics.learner_share.set(1.0)
 
     @property
     def learner(self) -> OnlineLearner:
@@ -211,13 +215,38 @@ class LearnerRole:
 
     def process(self, batch: list[Decoded]) -> None:
         records = [d.value for d in batch if d.value.chunk >= 0]
-        if records:
-            self._learn(records)
+        keep = self.pacer.sample(records)
+        if len(keep) < len(records):
+            self.skipped += len(records) - len(keep)
+            self.rt.metrics.learner_skipped.inc(len(records) - len(keep))
+        if keep:
+            self._learn([records[i] for i in keep])
+        # The publishing cadence counts the stream read, learnt or skipped.
+        self.items_since_publish += len(records)
+
+    def pace(self, msgs: list[Message]) -> None:
+        """The lag after this batch sets the share of the next one that is learnt."""
+        if self.consumer is None:
+            return
+        lag = sum(tp.offset for tp in partition_lag(self.consumer))
+        newest_ms = max((m.timestamp()[1] for m in msgs if m.error() is None), default=0)
+        age = max(0.0, time.time() - newest_ms / 1000.0) if newest_ms > 0 else 0.0
+        before = self.pacer.share
+        share = self.pacer.update(lag, age)
+        self.rt.metrics.learner_share.set(share)
+        if (share < 1.0) != (before < 1.0):
+            log.warning(
+                "learner: %d arrivals behind (bound %d); learning from %.0f%% of them",
+                lag,
+                self.rt.cfg.learner.pacing.max_lag_items,
+                100 * share,
+            )
 
     def consumed(self, msgs: list[Message]) -> None:
         """After a polled batch (learnt or dead-lettered, message by message): its offsets are the learner's."""
         for tp in next_offsets(msgs):
             self.offsets[(tp.topic, tp.partition)] = tp.offset
+        self.pace(msgs)
         self._maybe_publish()
 
     def _learn(self, records: list[ItemRecord]) -> None:
@@ -248,7 +277,6 @@ class LearnerRole:
             )
             body = schemas.encode_code(msg)
             self.rt.produce(self.rt.cfg.topics.codes, body, key=msg.key, headers=schemas.CODE_HEADERS)
-        self.items_since_publish += len(records)
 
     def _due(self) -> bool:
         cfg = self.rt.cfg.learner
@@ -316,6 +344,12 @@ class LearnerRole:
 
     def finish(self) -> None:
         """On a clean stop: a last version with everything learnt, its checkpoint, then the commit."""
+        log.info(
+            "learner: largest lag %d arrivals (pacing bound %d); %d skipped to keep within it",
+            self.pacer.max_lag_items,
+            self.rt.cfg.learner.pacing.max_lag_items,
+            self.skipped,
+        )
         self.publisher.wait()
         self._commit_published()
         if self.items_since_publish:

@@ -77,6 +77,16 @@ class Metrics:
             ["role"],
             registry=registry,
         )
+        self.learner_skipped = Counter(
+            "fpocmh_learner_skipped_total",
+            "Arrivals the learner read but did not learn from, to keep its lag within learner.pacing",
+            registry=registry,
+        )
+        self.learner_share = Gauge(
+            "fpocmh_learner_learn_share",
+            "Share of arrivals the learner learns from (1 while it keeps pace)",
+            registry=registry,
+        )
         self.learner_steps = Counter(
             "fpocmh_learner_steps_total", "Optimiser steps per modality", ["modality"], registry=registry
         )

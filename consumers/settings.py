@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from consumers.pacing import PacingConfig
 from fpocmh_core import config
 from fpocmh_core.model_check import ModelCheckConfig
 
@@ -84,6 +85,7 @@ class LearnerConfig:
     init: str
     bootstrap_overrides: Mapping[str, Any]
     on_topic_reset: str
+    pacing: PacingConfig
     threads: int
     metrics_port: int
 
