@@ -2,7 +2,7 @@
 
 Naming follows Prometheus rules: ``fpocmh_`` prefix, base units, ``_total`` counters, ``_seconds``
 histograms, labels from small fixed sets only (role, topic, partition, modality, term, direction,
-reason). Pass a private ``registry`` in tests; roles in one process (``fpocmh run``) share one
+queries, reason). Pass a private ``registry`` in tests; roles in one process (``fpocmh run``) share one
 :class:`Metrics` and are told apart by the ``role`` label.
 """
 
@@ -93,8 +93,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        # queries: all, or (protocols with new labels) those with a new label (new) and the others (old)
         self.retrieval_map = Gauge(
-            "fpocmh_retrieval_map", "Live retrieval mAP of the replayed query set", ["direction"], registry=registry
+            "fpocmh_retrieval_map",
+            "Live retrieval mAP of the replayed query set",
+            ["direction", "queries"],
+            registry=registry,
         )
 
     def serve(self, port: int, addr: str | None = None) -> None:
