@@ -273,7 +273,7 @@ def print_summary(s: dict[str, Any], rate_line: str) -> None:
         f"  wall time         {s['wall_s']:.0f} s",
     ]
     if "i2t_new" in stored:
-        lines[5:5] = [
+        lines[6:6] = [
             f"    new-label queries I->T {stored['i2t_new']:.4f}  T->I {stored['t2i_new']:.4f}",
             f"    other queries     I->T {stored['i2t_old']:.4f}  T->I {stored['t2i_old']:.4f}",
         ]
