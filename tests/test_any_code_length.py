@@ -9,39 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from synthetic import IMAGE_DIMS, TEXT_DIMS, write_topic_dataset
 
 from fpocmh.cli import main
 from fpocmh_core.baselines import CCAHasher
 
-LABELS = ("sky", "people", "night", "tree", "water")
-IMAGE_DIMS, TEXT_DIMS = 48, 16
-
 
 @pytest.fixture(scope="module")
 def topic_dataset(tmp_path_factory) -> Path:
-    """600 items with one or two of five labels: image features and 16-d topic vectors around per-label
-    centres; the first 100 rows are queries."""
-    rng = np.random.default_rng(7)
-    n = 600
-    labels = np.zeros((n, len(LABELS)), np.uint8)
-    labels[np.arange(n), rng.integers(0, len(LABELS), n)] = 1
-    second = rng.random(n) < 0.4
-    labels[np.flatnonzero(second), rng.integers(0, len(LABELS), second.sum())] = 1
-    weights = labels / labels.sum(axis=1, keepdims=True)
-    image = weights @ rng.normal(size=(len(LABELS), IMAGE_DIMS)) + 0.3 * rng.normal(size=(n, IMAGE_DIMS))
-    topics = np.exp(3 * (weights @ rng.normal(size=(len(LABELS), TEXT_DIMS))) + rng.normal(size=(n, TEXT_DIMS)))
-    split = np.zeros(n, np.uint8)
-    split[:100] = 1
-    path = tmp_path_factory.mktemp("topics") / "topics.npz"
-    np.savez(
-        path,
-        img_feat=image.astype(np.float32),
-        txt_feat=(topics / topics.sum(axis=1, keepdims=True)).astype(np.float32),
-        labels=labels,
-        split=split,
-        label_names=np.array(LABELS),
-    )
-    return path
+    return write_topic_dataset(tmp_path_factory.mktemp("topics") / "topics.npz")
 
 
 def test_cca_names_the_limit_it_hits_and_refuses_to_fit_beyond_it():

@@ -1,8 +1,9 @@
 """``fpocmh run --protocol p2|p3`` end to end on the embedded broker, with either learner.
 
-Each run replays a small slice of the benchmark file (200 queries, 1,000 database items) so that the
-whole pipeline (broker, version 0, learner, encoder, query consumer, live scoring) finishes in seconds;
-version 0 is trained for one epoch on small networks, since quality is not under test here.
+Each run replays a small dataset so that the whole pipeline (broker, version 0, learner, encoder, query
+consumer, live scoring) finishes in seconds: a slice of the benchmark file (200 queries, 1,000 database
+items), or the synthetic topic-vector dataset whose 16-d text features are shorter than the 64-bit
+codes. Version 0 is trained for one epoch on small networks, since quality is not under test here.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from synthetic import write_topic_dataset
 
 from fpocmh_core.data import load_dataset
 from fpocmh_core.protocols import load_stream
@@ -29,7 +31,12 @@ TINY_BOOTSTRAP = {
 
 
 @pytest.fixture(scope="module")
-def small_dataset(benchmark_path, tmp_path_factory) -> Path:
+def topic_dataset(tmp_path_factory) -> Path:
+    return write_topic_dataset(tmp_path_factory.mktemp("topics") / "topics.npz")
+
+
+@pytest.fixture(scope="module")
+def benchmark_slice(benchmark_path, tmp_path_factory) -> Path:
     """The first 200 query rows and 1,000 database rows of the benchmark, as a file of its own."""
     src = np.load(benchmark_path)
     split = src["split"]
@@ -60,18 +67,21 @@ def run_pipeline(protocol: str, method: str, data: Path, work: Path) -> tuple[su
 
 
 @pytest.mark.broker
-@pytest.mark.parametrize(("protocol", "method"), [("p3", "dlch"), ("p2", "fpocmh")])
+@pytest.mark.parametrize(
+    ("protocol", "method", "dataset"), [("p3", "dlch", "benchmark_slice"), ("p2", "fpocmh", "topic_dataset")]
+)
 def test_run_replays_the_protocol_and_scores_queries_with_and_without_new_labels(
-    protocol, method, small_dataset, tmp_path, monkeypatch
+    protocol, method, dataset, request, tmp_path, monkeypatch
 ):
     for key, value in PROTOCOL_ENV.items():
         monkeypatch.setenv(key, value)
-    ds = load_dataset(small_dataset)
+    data = request.getfixturevalue(dataset)
+    ds = load_dataset(data)
     stream = load_stream(ds, protocol)
     split = stream.split
     stream_arrivals = sum(len(stream.chunk_records(ds, c)) for c in range(len(split.chunks)))
 
-    proc, summary = run_pipeline(protocol, method, small_dataset, tmp_path)
+    proc, summary = run_pipeline(protocol, method, data, tmp_path)
 
     assert summary["protocol"] == protocol
     assert summary["arrivals"] == split.offline.size + stream_arrivals
