@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import numpy as np
 
@@ -28,13 +28,16 @@ class P1Config:
     unimodal_share: float
     label_share: float
 
+    # The config section errors name; P3 shares these keys and their checks.
+    section: ClassVar[str] = "p1"
+
     def __post_init__(self) -> None:
         for name in ("offline_share", "unimodal_share", "label_share"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
-                raise config.ConfigError(f"p1: {name} must be within [0, 1], got {value}")
+                raise config.ConfigError(f"{self.section}: {name} must be within [0, 1], got {value}")
         if self.n_chunks < 1:
-            raise config.ConfigError(f"p1: n_chunks must be >= 1, got {self.n_chunks}")
+            raise config.ConfigError(f"{self.section}: n_chunks must be >= 1, got {self.n_chunks}")
 
 
 @dataclass(frozen=True)
@@ -55,22 +58,17 @@ NEW_ITEMS = ("mixed", "alone")
 
 
 @dataclass(frozen=True)
-class P3Config:
-    seed: int
-    n_query: int
-    offline_share: float
-    n_chunks: int
-    unimodal_share: float
-    label_share: float
+class P3Config(P1Config):
+    """P1's keys, plus which labels are new and when and how their items arrive."""
+
     new_labels: tuple[str, ...]
     new_chunks: int
     new_items: str
 
+    section: ClassVar[str] = "p3"
+
     def __post_init__(self) -> None:
-        for name in ("offline_share", "unimodal_share", "label_share"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise config.ConfigError(f"p3: {name} must be within [0, 1], got {value}")
+        super().__post_init__()
         if not self.new_labels:
             raise config.ConfigError("p3: new_labels must name at least one label")
         if not 1 <= self.new_chunks < self.n_chunks:
