@@ -169,12 +169,12 @@ def live_map(
     query_rows: np.ndarray,
     k: int,
     batch: int,
-    query_new: np.ndarray | None = None,
+    query_new: np.ndarray,
     timeout_s: float = 120.0,
 ) -> dict[str, dict[str, float]]:
     """mAP@k of the query set against the live store, I->T (image queries, text codes) and T->I, per
-    query group of :func:`query_groups` (``query_new`` marks queries with a new label; None: no group)."""
-    groups = query_groups(np.zeros(query_rows.size, dtype=bool) if query_new is None else query_new)
+    query group of :func:`query_groups` (``query_new`` marks the queries with a new label)."""
+    groups = query_groups(query_new)
     scores: dict[str, dict[str, float]] = {group: {} for group in groups}
     for direction, modality in (("i2t", Modality.IMAGE), ("t2i", Modality.TEXT)):
         feats = ds.image if modality is Modality.IMAGE else ds.text
