@@ -44,7 +44,7 @@ from consumers.runtime import Decoded, RoleStopped, Runtime, next_offsets, parti
 from consumers.settings import PipelineConfig
 from fpocmh_core import schemas
 from fpocmh_core.config import to_dict as config_dict
-from fpocmh_core.learners.base import OnlineLearner, published
+from fpocmh_core.learners.base import LearnReport, OnlineLearner, published
 from fpocmh_core.learners.guard import GuardedLearner
 from fpocmh_core.learners.registry import learner_class, learner_from_state
 from fpocmh_core.model_check import Probe, model_problems
@@ -197,6 +197,8 @@ class LearnerRole:
         self._topic_checked = time.monotonic()
         self.pacer = Pacer(rt.cfg.learner.pacing)
         self.skipped = 0
+        self.pending = 0
+        self.last_arrival = time.monotonic()
         rt.metrics.learner_share.set(1.0)
 
     @property
@@ -218,7 +220,8 @@ class LearnerRole:
         keep = self.pacer.sample(records)
         if len(keep) < len(records):
             self.skipped += len(records) - len(keep)
-            self.rt.metrics.learner_skipped.inc(len(records) - len(keep))
+            self.rt.metrics.learner_items.labels("skipped").inc(len(records) - len(keep))
+        self.last_arrival = time.monotonic()
         if keep:
             self._learn([records[i] for i in keep])
         # The publishing cadence counts the stream read, learnt or skipped.
@@ -251,21 +254,35 @@ class LearnerRole:
 
     def _learn(self, records: list[ItemRecord]) -> None:
         start = time.perf_counter()
-        m = self.rt.metrics
-        try:
-            report = self.guard.learn(records)
-        except Exception:
-            m.learner_rollbacks.inc()
-            raise
+        report = self._guarded(self.guard.learn, records)
         took = time.perf_counter() - start
         if took > self.budget_s / 4:
             log.warning("learner: a batch took %.1f s of a %.0f s poll budget; lower batch_size", took, self.budget_s)
+        self._show(report, len(records))
+        self._store_codes(report, {r.item_id: r.modalities for r in records})
+
+    def _guarded(self, step: Any, *args: Any) -> LearnReport:
+        try:
+            return step(*args)
+        except Exception:
+            self.rt.metrics.learner_rollbacks.inc()
+            raise
+
+    def _show(self, report: LearnReport, arrivals: int) -> None:
+        m = self.rt.metrics
         for modality in MODALITIES:
             m.learner_steps.labels(modality).inc(report.steps.get(modality, 0))
         for term, value in report.losses.items():
             m.learner_loss.labels(term).set(value)
+        # Learners that learn from each arrival as it comes report no outcomes: each one was learnt.
+        for outcome, n in (report.outcomes or {"learned": arrivals}).items():
+            m.learner_items.labels(outcome).inc(n)
+        m.learner_pending.set(report.pending)
+        self.pending = report.pending
         show_bank_rows(self.learner, m)
-        present = {r.item_id: r.modalities for r in records}
+
+    def _store_codes(self, report: LearnReport, present: dict[int, tuple[Any, ...]]) -> None:
+        """Codes the learner assigned itself (DLCH's new items) go to the codes topic, with their source."""
         for code in report.codes:
             msg = schemas.CodeMessage(
                 code.item_id,
@@ -277,6 +294,19 @@ class LearnerRole:
             )
             body = schemas.encode_code(msg)
             self.rt.produce(self.rt.cfg.topics.codes, body, key=msg.key, headers=schemas.CODE_HEADERS)
+
+    def _flush_when_quiet(self) -> None:
+        """A learner that buffers (DLCH keeps an increment) acts on what it holds once the stream has paused
+        for ``learner.flush_after_s``, so the end of a stream is learnt too; its codes and a version follow."""
+        quiet = time.monotonic() - self.last_arrival
+        if not self.pending or self.rt.cfg.learner.flush_after_s <= 0 or quiet < self.rt.cfg.learner.flush_after_s:
+            return
+        log.info("learner: no arrivals for %.0f s; acting on the %d it holds", quiet, self.pending)
+        report = self._guarded(self.guard.flush)
+        self._show(report, 0)
+        self._store_codes(report, {})
+        self.rt.flush()
+        self.items_since_publish += max(report.items, 1)
 
     def _due(self) -> bool:
         cfg = self.rt.cfg.learner
@@ -316,6 +346,7 @@ class LearnerRole:
     def idle(self) -> None:
         self.publisher.check()
         self._commit_published()
+        self._flush_when_quiet()
         self._maybe_publish()
         if time.monotonic() - self._topic_checked > TOPIC_CHECK_EVERY_S:
             self._topic_checked = time.monotonic()

@@ -2,7 +2,7 @@
 
 Naming follows Prometheus rules: ``fpocmh_`` prefix, base units, ``_total`` counters, ``_seconds``
 histograms, labels from small fixed sets only (role, topic, partition, modality, term, direction,
-reason). Pass a private ``registry`` in tests; roles in one process (``fpocmh run``) share one
+queries, reason). Pass a private ``registry`` in tests; roles in one process (``fpocmh run``) share one
 :class:`Metrics` and are told apart by the ``role`` label.
 """
 
@@ -77,9 +77,17 @@ class Metrics:
             ["role"],
             registry=registry,
         )
-        self.learner_skipped = Counter(
-            "fpocmh_learner_skipped_total",
-            "Arrivals the learner read but did not learn from, to keep its lag within learner.pacing",
+        self.learner_items = Counter(
+            "fpocmh_learner_items_total",
+            "Stream arrivals by what the learner did with them: learned; coded (by the learner, not learnt: "
+            "DLCH with an unlabelled or unpaired item); known (already coded); offline (version 0's part); "
+            "skipped (read, not learnt, to keep the lag within learner.pacing)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.learner_pending = Gauge(
+            "fpocmh_learner_pending",
+            "Arrivals a buffering learner holds undecided (DLCH's open increment)",
             registry=registry,
         )
         self.learner_share = Gauge(
@@ -129,8 +137,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        # queries: all, or (protocols with new labels) those with a new label (new) and the others (old)
         self.retrieval_map = Gauge(
-            "fpocmh_retrieval_map", "Live retrieval mAP of the replayed query set", ["direction"], registry=registry
+            "fpocmh_retrieval_map",
+            "Live retrieval mAP of the replayed query set",
+            ["direction", "queries"],
+            registry=registry,
         )
 
     def serve(self, port: int, addr: str | None = None) -> None:

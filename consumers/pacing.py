@@ -8,7 +8,7 @@ seeded generator, i.e. a uniform sample within every partition. The share follow
 lag (messages behind the partitions' ends, or the age of the newest message read) is over the bound,
 the share drops by a quarter per batch; once the lag is under half the bound it grows back by a quarter,
 up to 1. So the learner settles at the share it can afford, and the lag near the bound instead of
-growing without end. Skipped arrivals are counted (``fpocmh_learner_skipped_total``).
+growing without end. Skipped arrivals are counted (``fpocmh_learner_items_total{outcome="skipped"}``).
 """
 
 from __future__ import annotations

@@ -85,6 +85,7 @@ class LearnerConfig:
     init: str
     bootstrap_overrides: Mapping[str, Any]
     on_topic_reset: str
+    flush_after_s: float
     pacing: PacingConfig
     threads: int
     metrics_port: int

@@ -37,6 +37,17 @@ class CCAHasher:
         self.proj: dict[Modality, np.ndarray] = {}
         self.correlations = np.zeros(0)
 
+    @staticmethod
+    def not_applicable(bits: int, image_dims: int, text_dims: int, pairs: int) -> str | None:
+        """Why CCA cannot give ``bits``-bit codes here (None: it can). CCA has at most as many canonical
+        directions as the smallest of the two feature dimensions and the number of training pairs; the
+        hash networks have no such limit, so a benchmark reports CCA as not applicable and runs the rest."""
+        limit = min(image_dims, text_dims, pairs)
+        if bits <= limit:
+            return None
+        which = {image_dims: f"{image_dims} image dims", text_dims: f"{text_dims} text dims", pairs: f"{pairs} pairs"}
+        return f"{bits} bits exceed CCA's {limit} canonical directions (at most the {which[limit]})"
+
     def fit(self, image: np.ndarray | TrainingSet, text: np.ndarray | None = None) -> CCAHasher:
         """Fit on a :class:`TrainingSet`'s known pairs, or on arrays where ``image[i]`` pairs with ``text[i]``."""
         if isinstance(image, TrainingSet):
@@ -49,8 +60,9 @@ class CCAHasher:
         x, y = np.asarray(image, dtype=np.float64), np.asarray(text, dtype=np.float64)
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"CCA needs pairs: {x.shape[0]} image rows vs {y.shape[0]} text rows")
-        if self.bits > min(x.shape[1], y.shape[1], x.shape[0]):
-            raise ValueError(f"{self.bits} bits exceed the feature dims {x.shape[1]}, {y.shape[1]} or pair count")
+        reason = self.not_applicable(self.bits, x.shape[1], y.shape[1], x.shape[0])
+        if reason is not None:
+            raise ValueError(reason)
         self.means = {Modality.IMAGE: x.mean(axis=0), Modality.TEXT: y.mean(axis=0)}
         x, y = x - self.means[Modality.IMAGE], y - self.means[Modality.TEXT]
         n = x.shape[0] - 1

@@ -1,9 +1,11 @@
-"""Replay protocol P1 as an arrival stream at a set rate, and score the query set against the live store.
+"""Replay a protocol (P1, P2 or P3) as an arrival stream at a set rate, and score the query set against
+the live store.
 
 Pacing follows a schedule (item i is due ``i / rate`` seconds after the start), so short stalls are
-caught up rather than lost, and the achieved rate is measured per full minute. The P1 offline part
-goes first as paired arrivals with ``chunk = -1`` (coded with version 0, skipped by learners), then
-the stream's chunks.
+caught up rather than lost, and the achieved rate is measured per full minute. The protocol's offline
+part goes first as paired arrivals with ``chunk = -1`` (coded with version 0, skipped by learners), then
+the stream's chunks. For protocols with new labels (P2, P3) the live score is also reported over the
+queries with and without a new label.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from consumers.runtime import Runtime
 from consumers.settings import PipelineConfig
 from fpocmh_core import evaluation, schemas
 from fpocmh_core.data import CrossModalDataset
-from fpocmh_core.protocols import P1Config, P1Split, p1_chunk_records, paired_records
+from fpocmh_core.protocols import Stream, paired_records
 from fpocmh_core.records import ItemRecord, Modality
 
 log = logging.getLogger(__name__)
@@ -123,10 +125,10 @@ class Replayer:
         self.rt.producer.flush(self.rt.cfg.flush_timeout_s)
 
 
-def p1_schedule(ds: CrossModalDataset, split: P1Split, cfg: P1Config, offline: bool) -> list[list[ItemRecord]]:
-    """The P1 arrivals as chunks: the offline part first (``chunk = -1``) when ``offline``."""
-    chunks = [p1_chunk_records(ds, split, cfg, c) for c in range(len(split.chunks))]
-    return ([paired_records(ds, split.offline, OFFLINE_CHUNK)] if offline else []) + chunks
+def schedule(ds: CrossModalDataset, stream: Stream, offline: bool) -> list[list[ItemRecord]]:
+    """The protocol's arrivals as chunks: the offline part first (``chunk = -1``) when ``offline``."""
+    chunks = [stream.chunk_records(ds, c) for c in range(len(stream.split.chunks))]
+    return ([paired_records(ds, stream.split.offline, OFFLINE_CHUNK)] if offline else []) + chunks
 
 
 def expected_codes(chunks: Sequence[Sequence[ItemRecord]]) -> tuple[int, int]:
@@ -152,19 +154,37 @@ def wait_for_store(client: QueryClient, want: tuple[int, int], timeout_s: float)
         time.sleep(0.2)
 
 
+def query_groups(query_new: np.ndarray) -> dict[str, np.ndarray]:
+    """The query subsets scored live: all, and for protocols with new labels those with (new) and
+    without (old) one: the values of the ``queries`` label of ``fpocmh_retrieval_map``."""
+    groups = {"all": np.ones(query_new.size, dtype=bool)}
+    if query_new.any():
+        groups |= {"new": query_new, "old": ~query_new}
+    return groups
+
+
 def live_map(
-    client: QueryClient, ds: CrossModalDataset, query_rows: np.ndarray, k: int, batch: int, timeout_s: float = 120.0
-) -> dict[str, float]:
-    """mAP@k of the query set against the live store: I->T (image queries, text codes) and T->I."""
-    scores = {}
+    client: QueryClient,
+    ds: CrossModalDataset,
+    query_rows: np.ndarray,
+    k: int,
+    batch: int,
+    query_new: np.ndarray,
+    timeout_s: float = 120.0,
+) -> dict[str, dict[str, float]]:
+    """mAP@k of the query set against the live store, I->T (image queries, text codes) and T->I, per
+    query group of :func:`query_groups` (``query_new`` marks the queries with a new label)."""
+    groups = query_groups(query_new)
+    scores: dict[str, dict[str, float]] = {group: {} for group in groups}
     for direction, modality in (("i2t", Modality.IMAGE), ("t2i", Modality.TEXT)):
         feats = ds.image if modality is Modality.IMAGE else ds.text
         queries = [Query(feats[query_rows[i : i + batch]], modality, k) for i in range(0, query_rows.size, batch)]
         results = client.search_many(queries, timeout_s)
         width = max(r.ids.shape[1] for r in results)
         padded = [np.pad(r.ids, ((0, 0), (0, width - r.ids.shape[1])), constant_values=-1) for r in results]
-        ids = np.concatenate(padded)
-        scores[direction] = evaluation.mean_average_precision_ranked(relevance_of(ds.labels, query_rows, ids))
+        relevant = relevance_of(ds.labels, query_rows, np.concatenate(padded))
+        for group, mask in groups.items():
+            scores[group][direction] = evaluation.mean_average_precision_ranked(relevant[mask])
     return scores
 
 
@@ -175,9 +195,15 @@ def relevance_of(labels: np.ndarray, query_rows: np.ndarray, ranked_ids: np.ndar
     return shared.any(axis=2) & valid
 
 
+# mAP fields of a chunk score: both directions, over all queries and (P2, P3) over the queries with and
+# without a new label.
+SCORE_KEYS = ("i2t", "t2i", "i2t_new", "t2i_new", "i2t_old", "t2i_old")
+
+
 @dataclass(frozen=True)
 class ChunkScore:
-    """The live store after one chunk: what it held, the model serving it, and mAP@K both ways."""
+    """The live store after one chunk: what it held, the model serving it, and mAP@K both ways; for
+    protocols with new labels also over the queries with (``_new``) and without (``_old``) one."""
 
     chunk: int
     arrivals: int
@@ -186,43 +212,57 @@ class ChunkScore:
     i2t: float
     t2i: float
     catchup_s: float
+    i2t_new: float | None = None
+    t2i_new: float | None = None
+    i2t_old: float | None = None
+    t2i_old: float | None = None
 
 
-def replay_p1(
+def replay_stream(
     cfg: PipelineConfig,
     ds: CrossModalDataset,
-    split: P1Split,
-    p1cfg: P1Config,
+    stream: Stream,
     metrics: Metrics,
     stop: threading.Event,
     client: QueryClient | None = None,
     progress: bool = True,
     on_chunk: Callable[[ChunkScore], object] | None = None,
 ) -> tuple[RateReport, list[ChunkScore]]:
-    """Replay P1 at ``cfg.replay.rate``; with a ``client``, score the query set after every chunk."""
+    """Replay ``stream`` at ``cfg.replay.rate``; with a ``client``, score the query set after every chunk."""
     from tqdm import tqdm
 
-    schedule = p1_schedule(ds, split, p1cfg, cfg.replay.offline)
+    chunks = schedule(ds, stream, cfg.replay.offline)
+    split = stream.split
     replayer = Replayer(cfg, metrics, wire_dtypes(ds), cfg.replay.rate, stop)
     scores: list[ChunkScore] = []
-    bar = tqdm(total=sum(map(len, schedule)), unit="item", disable=not progress, smoothing=0.1)
+    bar = tqdm(total=sum(map(len, chunks)), unit="item", disable=not progress, smoothing=0.1)
     try:
-        for i, records in enumerate(schedule):
+        for i, records in enumerate(chunks):
             bar.set_description(f"chunk {records[0].chunk}")
             replayer.send(records, bar.update)
             if stop.is_set() or client is None:
                 continue
             start = time.monotonic()
             try:
-                status = wait_for_store(client, expected_codes(schedule[: i + 1]), cfg.run.catchup_timeout_s)
+                status = wait_for_store(client, expected_codes(chunks[: i + 1]), cfg.run.catchup_timeout_s)
                 caught_up = time.monotonic() - start
-                live = live_map(client, ds, split.query, cfg.replay.score_topk, cfg.replay.score_batch)
+                live = live_map(client, ds, split.query, cfg.replay.score_topk, cfg.replay.score_batch, split.query_new)
             except InterruptedError:
                 break
-            for direction, value in live.items():
-                metrics.retrieval_map.labels(direction).set(value)
-            chunk, version = records[0].chunk, status.model_version
-            score = ChunkScore(chunk, len(records), status.store_codes, version, live["i2t"], live["t2i"], caught_up)
+            for group, values in live.items():
+                for direction, value in values.items():
+                    metrics.retrieval_map.labels(direction, group).set(value)
+            subsets = {f"{d}_{group}": v for group, values in live.items() if group != "all" for d, v in values.items()}
+            score = ChunkScore(
+                records[0].chunk,
+                len(records),
+                status.store_codes,
+                status.model_version,
+                live["all"]["i2t"],
+                live["all"]["t2i"],
+                caught_up,
+                **subsets,
+            )
             scores.append(score)
             if on_chunk is not None:
                 on_chunk(score)
@@ -233,8 +273,14 @@ def replay_p1(
 
 
 def format_score(score: ChunkScore, k: int) -> str:
-    return (
+    line = (
         f"chunk {score.chunk:>2}: {score.arrivals:>5} arrivals; store {score.store_codes[0]:>5} img + "
         f"{score.store_codes[1]:>5} txt codes (caught up in {score.catchup_s:.1f} s); model v{score.model_version}; "
         f"mAP@{k} I->T {score.i2t:.4f}  T->I {score.t2i:.4f}"
     )
+    if score.i2t_new is not None:
+        line += (
+            f"; new-label queries {score.i2t_new:.4f} / {score.t2i_new:.4f}, "
+            f"others {score.i2t_old:.4f} / {score.t2i_old:.4f}"
+        )
+    return line

@@ -268,25 +268,32 @@ def test_export_and_from_state_round_trip_including_a_pending_increment(mirflick
     ]
 
 
-def test_unpaired_or_unlabelled_items_are_coded_by_the_networks_and_not_frozen(mirflickr, p2_small, boot):
+def test_halves_of_a_pair_are_joined_and_learned_the_rest_is_coded_and_every_arrival_counted(mirflickr, p2_small, boot):
     learner = copy.deepcopy(boot)
     ds = mirflickr
-    a, b, c = (int(r) for r in p2_small["increments"][0][:3])
+    a, b, c, d = (int(r) for r in p2_small["increments"][0][:4])
     stream = [
-        ItemRecord(a, ds.image[a], None, ds.labels[a], chunk=0),
-        ItemRecord(b, ds.image[b], ds.text[b], None, chunk=0),
-        ItemRecord(a, None, ds.text[a], ds.labels[a], chunk=0),  # the other half of item a, later
+        ItemRecord(a, ds.image[a], None, None, chunk=0),  # the image half of a, unlabelled ...
+        ItemRecord(b, ds.image[b], ds.text[b], None, chunk=0),  # a pair without labels
+        ItemRecord(d, ds.image[d], None, ds.labels[d], chunk=0),  # a half whose other half never comes
+        ItemRecord(a, None, ds.text[a], ds.labels[a], chunk=0),  # ... and its text half, labelled, later
         ItemRecord(c, ds.image[c], ds.text[c], ds.labels[c], chunk=0),
     ]
     frozen_before = learner.frozen_codes()[0].size
-    learner.learn(stream)
+    first = learner.learn(stream)
+    assert first.outcomes == {} and first.pending == len(stream), "buffered until the increment ends"
     report = learner.finish_increment()
 
+    assert report.outcomes == {"learned": 3, "coded": 2}
     written = {(r.item_id, r.modality): r.code for r in report.codes}
-    assert set(written) == {(i, m) for i in (a, b, c) for m in Modality}
-    for item in (a, b):
-        for m in Modality:
-            features = ds.image if m is Modality.IMAGE else ds.text
-            assert np.array_equal(written[(item, m)], learner.encode(features[item][None], m)[0])
+    assert set(written) == {(i, m) for i in (a, b, c) for m in Modality} | {(d, Modality.IMAGE)}
+    for item, m in ((b, Modality.IMAGE), (b, Modality.TEXT), (d, Modality.IMAGE)):
+        features = ds.image if m is Modality.IMAGE else ds.text
+        assert np.array_equal(written[(item, m)], learner.encode(features[item][None], m)[0])
     ids = learner.frozen_codes()[0]
-    assert ids.size == frozen_before + 1 and ids[-1] == c
+    assert ids.size == frozen_before + 2 and set(ids[-2:].tolist()) == {a, c}
+
+    again = learner.learn([ItemRecord(c, ds.image[c], ds.text[c], ds.labels[c], chunk=1)])
+    offline = learner.learn(paired_records(ds, p2_small["seen"][:3], -1))
+    assert offline.outcomes == {"offline": 3} and offline.pending == 1
+    assert again.outcomes == {} and learner.flush().outcomes == {"known": 1}

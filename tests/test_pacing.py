@@ -67,7 +67,7 @@ def test_a_burst_the_learner_cannot_keep_up_with_is_sampled_and_every_arrival_is
             120,
             "the whole burst read",
         )
-        skipped = running.value("fpocmh_learner_skipped_total")
+        skipped = running.value("fpocmh_learner_items_total", outcome="skipped")
         assert 0 < skipped < len(burst), "learnt from a sample, not from nothing"
         wait_until(
             lambda: running.value("fpocmh_model_version", role="learner") >= 2, 60, "versions keep their cadence"

@@ -9,18 +9,47 @@ from typing import TYPE_CHECKING
 from fpocmh.commands.pipeline_args import add_pipeline_arguments, load_config, require_broker, role_setup
 
 if TYPE_CHECKING:
+    from fpocmh_core.data import CrossModalDataset
+    from fpocmh_core.protocols import Stream
     from producers.replay import ChunkScore
 
-HELP = "replay protocol P1 as a partial-modal arrival stream at a set rate; --score: live mAP per chunk"
+HELP = "replay protocol P1, P2 or P3 as an arrival stream at a set rate; --score: live mAP per chunk"
+
+
+def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--protocol`` and the two arrival shares, for every command that replays a protocol."""
+    parser.add_argument(
+        "--protocol",
+        default="p1",
+        choices=["p1", "p2", "p3"],
+        help="p1: partial-modal stream; p2: the seen items offline, then the new-label increments as paired, "
+        "labelled arrivals; p3: new labels arriving late in a partial-modal stream (config/<protocol>.yaml; "
+        "any key also from FPOCMH_<PROTOCOL>__<KEY>, e.g. FPOCMH_P3__NEW_CHUNKS=3)",
+    )
+    parser.add_argument("--unimodal-share", type=float, help="p1/p3: share of pairs split into two unimodal items")
+    parser.add_argument("--label-share", type=float, help="p1/p3: share of stream items that carry their labels")
+
+
+def load_protocol(args: argparse.Namespace, ds: CrossModalDataset) -> Stream:
+    """The protocol named by ``--protocol`` with the share flags, as a stream over ``ds``."""
+    from fpocmh_core.protocols import load_stream
+
+    shares = {
+        key: value
+        for key, value in (("unimodal_share", args.unimodal_share), ("label_share", args.label_share))
+        if value is not None
+    }
+    if shares and args.protocol == "p2":
+        flags = ", ".join("--" + key.replace("_", "-") for key in shares)
+        raise ValueError(f"{flags}: p2 streams paired, labelled increments; the shares apply to p1 and p3")
+    return load_stream(ds, args.protocol, shares)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_pipeline_arguments(parser)
     parser.add_argument("--data", help="dataset file or folder (default: $FPOCMH_DATA, ./data, ../shared/data)")
-    parser.add_argument("--protocol", default="p1", choices=["p1"], help="stream protocol")
+    add_protocol_arguments(parser)
     parser.add_argument("--rate", type=float, help="items per second, 0 = unthrottled (default: replay.rate)")
-    parser.add_argument("--unimodal-share", type=float, help="share of pairs split into two unimodal items")
-    parser.add_argument("--label-share", type=float, help="share of stream items that carry their labels")
     parser.add_argument("--no-offline", action="store_true", help="skip the offline part (chunk -1)")
     parser.add_argument(
         "--score", action="store_true", help="after each chunk, send the query set as requests and print mAP@K"
@@ -28,16 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def p1_overrides(args: argparse.Namespace) -> dict[str, float]:
-    return {
-        key: value
-        for key, value in (("unimodal_share", args.unimodal_share), ("label_share", args.label_share))
-        if value is not None
-    }
-
-
 def score_printer(k: int) -> Callable[[ChunkScore], None]:
-    """``replay_p1``'s ``on_chunk``: each chunk's live mAP@k line, printed as soon as it is measured."""
+    """``replay_stream``'s ``on_chunk``: each chunk's live mAP@k line, printed as soon as it is measured."""
     from producers.replay import format_score
 
     return lambda score: print(format_score(score, k), flush=True)
@@ -45,23 +66,20 @@ def score_printer(k: int) -> Callable[[ChunkScore], None]:
 
 def run(args: argparse.Namespace) -> int:
     from consumers.query import QueryClient
-    from fpocmh_core import config
     from fpocmh_core.data import load_dataset
-    from fpocmh_core.protocols import P1Config, p1_split
-    from producers.replay import replay_p1
+    from producers.replay import replay_stream
 
     sets = [f"replay.rate={args.rate}"] if args.rate is not None else []
     sets += ["replay.offline=false"] if args.no_offline else []
     cfg = load_config(args, *sets)
     require_broker(cfg, "fpocmh replay")
     ds = load_dataset(args.data)
-    p1cfg = config.load(P1Config, "p1", overrides=p1_overrides(args))
-    split = p1_split(ds, p1cfg)
+    stream = load_protocol(args, ds)
     metrics, stop = role_setup(cfg, cfg.replay.metrics_port)
     client = QueryClient(cfg, metrics=metrics, stop=stop) if args.score else None
     try:
-        report, _scores = replay_p1(
-            cfg, ds, split, p1cfg, metrics, stop, client, not args.quiet, score_printer(cfg.replay.score_topk)
+        report, _scores = replay_stream(
+            cfg, ds, stream, metrics, stop, client, not args.quiet, score_printer(cfg.replay.score_topk)
         )
     finally:
         if client is not None:

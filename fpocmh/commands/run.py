@@ -1,9 +1,10 @@
-"""``fpocmh run``: the whole pipeline on protocol P1, from an empty broker to a summary.
+"""``fpocmh run``: the whole pipeline on a protocol (P1, P2 or P3), from an empty broker to a summary.
 
 Brings up the embedded broker unless Kafka is configured, creates the topics, trains (or reuses)
-version 0, starts the learner, one encoder and one query consumer as child processes, replays P1
-(offline part first, then the chunks), scores the query set against the live store after each chunk,
-and ends with items/s, model versions, mAP with the stored codes and query latency.
+version 0 on the protocol's offline part, starts the learner, one encoder and one query consumer as
+child processes, replays the protocol (offline part first, then the chunks), scores the query set
+against the live store after each chunk (for P2 and P3 also over the queries with and without a new
+label), and ends with items/s, model versions, mAP with the stored codes and query latency.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from fpocmh.commands.pipeline_args import add_pipeline_arguments, load_config
+from fpocmh.commands.replay import add_protocol_arguments
 
-HELP = "run the whole pipeline on P1 (embedded broker unless Kafka is configured) and print a summary"
+HELP = "run the whole pipeline on P1, P2 or P3 (embedded broker unless Kafka is configured) and print a summary"
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +31,15 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_pipeline_arguments(parser)
     parser.add_argument("--data", help="dataset file or folder (default: $FPOCMH_DATA, ./data, ../shared/data)")
+    add_protocol_arguments(parser)
     parser.add_argument("--rate", type=float, help="arrivals per second (default: replay.rate)")
-    parser.add_argument("--unimodal-share", type=float, help="share of stream pairs split into two unimodal items")
-    parser.add_argument("--label-share", type=float, help="share of stream items that carry their labels")
     parser.add_argument("--init", metavar="DIR", help="version 0 from this checkpoint folder (fpocmh train)")
     parser.add_argument("--json", type=Path, help="also write the summary as JSON here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def version_zero(cfg: Any, ds: Any, split: Any, p1cfg: Any) -> Path:
-    """A checkpoint of version 0, trained on the P1 offline part once and reused by later runs."""
+def version_zero(cfg: Any, ds: Any, stream: Any) -> Path:
+    """A checkpoint of version 0, trained on the protocol's offline part once and reused by later runs."""
     from fpocmh_core.config import CONFIG_DIR, to_dict
     from fpocmh_core.state import save_checkpoint
 
@@ -49,7 +50,7 @@ def version_zero(cfg: Any, ds: Any, split: Any, p1cfg: Any) -> Path:
         "method": cfg.method,
         "bits": cfg.bits,
         "data": ds.fingerprint(),
-        "p1": to_dict(p1cfg),
+        stream.name: to_dict(stream.config),
         "overrides": to_dict(cfg.learner.bootstrap_overrides),
         "defaults": {path.name: hashlib.sha256(path.read_bytes()).hexdigest()[:16] for path in defaults},
     }
@@ -58,7 +59,8 @@ def version_zero(cfg: Any, ds: Any, split: Any, p1cfg: Any) -> Path:
     if (directory / "manifest.json").is_file():
         print(f"version 0: reusing {directory}", flush=True)
         return directory
-    print(f"version 0: training {cfg.method} ({cfg.bits} bits) on {split.offline.size} offline pairs", flush=True)
+    offline = stream.split.offline
+    print(f"version 0: training {cfg.method} ({cfg.bits} bits) on {offline.size} offline pairs", flush=True)
     import torch
 
     from consumers.learner import train_version_zero
@@ -66,7 +68,7 @@ def version_zero(cfg: Any, ds: Any, split: Any, p1cfg: Any) -> Path:
     # As many threads as the learner gets: on a shared machine, more threads than free cores is slower.
     torch.set_num_threads(cfg.learner.threads)
     start = time.monotonic()
-    save_checkpoint(train_version_zero(cfg, ds, split.offline), directory, {"recipe": recipe})
+    save_checkpoint(train_version_zero(cfg, ds, offline), directory, {"recipe": recipe})
     print(f"version 0: trained in {time.monotonic() - start:.0f} s, saved to {directory}", flush=True)
     return directory
 
@@ -107,9 +109,10 @@ def probe_latency(client: Any, ds: Any, rows: Any, n: int, k: int = 100) -> dict
     return {"queries": n, "k": k, "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
 
 
-def stored_codes_map(cfg: Any, ds: Any, query_rows: Any, metrics: Any) -> dict[str, Any]:
+def stored_codes_map(cfg: Any, ds: Any, query_rows: Any, query_new: Any, metrics: Any) -> dict[str, Any]:
     """mAP over the full ranking with the codes as stored on the codes topic, queries hashed by the
-    newest model on the models topic; plus how many stored codes each model version wrote."""
+    newest model on the models topic (``_new`` / ``_old``: queries with / without a new label, when the
+    protocol has new labels); plus how many stored codes each model version wrote."""
     import collections
 
     from consumers.models import ModelFollower
@@ -117,6 +120,7 @@ def stored_codes_map(cfg: Any, ds: Any, query_rows: Any, metrics: Any) -> dict[s
     from consumers.runtime import Runtime, TopicReader
     from fpocmh_core import evaluation, schemas
     from fpocmh_core.records import Modality
+    from producers.replay import query_groups
 
     rt = Runtime(cfg, "replay", metrics)
     models = ModelFollower(rt)
@@ -137,8 +141,10 @@ def stored_codes_map(cfg: Any, ds: Any, query_rows: Any, metrics: Any) -> dict[s
     for direction, modality in (("i2t", Modality.IMAGE), ("t2i", Modality.TEXT)):
         feats = ds.image if modality is Modality.IMAGE else ds.text
         ids, packed = store.codes(modality.other)
-        q = newest.model.encode(feats[query_rows], modality)
-        scores[direction] = evaluation.mean_average_precision(q, packed, ds.labels[query_rows], ds.labels[ids])
+        q, q_labels = newest.model.encode(feats[query_rows], modality), ds.labels[query_rows]
+        for group, mask in query_groups(query_new).items():
+            key = direction if group == "all" else f"{direction}_{group}"
+            scores[key] = evaluation.mean_average_precision(q[mask], packed, q_labels[mask], ds.labels[ids])
     by_version = collections.Counter(c.model_version for c in latest.values())
     by_version = dict(sorted(by_version.items()))
     return {"model_version": newest.version, "codes": len(latest), "codes_by_version": by_version, **scores}
@@ -169,18 +175,16 @@ def run(args: argparse.Namespace) -> int:
     from consumers.processes import RoleProcess
     from consumers.query import QueryClient
     from consumers.runtime import install_signal_handlers
-    from fpocmh.commands.replay import p1_overrides, score_printer
-    from fpocmh_core import config
+    from fpocmh.commands.replay import load_protocol, score_printer
     from fpocmh_core.data import load_dataset
-    from fpocmh_core.protocols import P1Config, p1_split
-    from producers.replay import replay_p1
+    from producers.replay import SCORE_KEYS, replay_stream
 
     wall = time.monotonic()
     cfg = load_config(args, *([f"replay.rate={args.rate}"] if args.rate is not None else []))
     ds = load_dataset(args.data)
-    p1cfg = config.load(P1Config, "p1", overrides=p1_overrides(args))
-    split = p1_split(ds, p1cfg)
-    v0 = Path(args.init) if args.init else version_zero(cfg, ds, split, p1cfg)
+    stream = load_protocol(args, ds)
+    split = stream.split
+    v0 = Path(args.init) if args.init else version_zero(cfg, ds, stream)
     work = Path(cfg.run.work_dir) / time.strftime("%Y%m%d-%H%M%S")
     stop = threading.Event()
     install_signal_handlers(stop)
@@ -207,14 +211,14 @@ def run(args: argparse.Namespace) -> int:
             if wait_until_serving(client, roles, stop) is None:
                 print("interrupted before the query consumer was serving")
                 return 130
-            report, scores = replay_p1(
-                cfg, ds, split, p1cfg, metrics, stop, client, not args.quiet, score_printer(cfg.replay.score_topk)
+            report, scores = replay_stream(
+                cfg, ds, stream, metrics, stop, client, not args.quiet, score_printer(cfg.replay.score_topk)
             )
             if stop.is_set():
                 print("interrupted: " + report.summary())
                 return 130
             latency = probe_latency(client, ds, split.query, cfg.run.latency_probes)
-            stored = stored_codes_map(cfg, ds, split.query, metrics)
+            stored = stored_codes_map(cfg, ds, split.query, split.query_new, metrics)
         except InterruptedError:
             print("interrupted")
             return 130
@@ -224,7 +228,9 @@ def run(args: argparse.Namespace) -> int:
             for role in roles:
                 role.stop()
     lags = [s.catchup_s for s in scores]
+    last = scores[-1]
     summary = {
+        "protocol": stream.name,
         "arrivals": report.items,
         "replay_items_per_s": report.achieved,
         "rate_target": report.target,
@@ -232,7 +238,10 @@ def run(args: argparse.Namespace) -> int:
         # From a chunk's last arrival to the store holding all its codes (probed every 0.2 s).
         "store_lag_s": {"median": statistics.median(lags), "max": max(lags)},
         "model_versions_published": published_versions(work / "learner"),
-        "live_map_at_k": {"k": cfg.replay.score_topk, "i2t": scores[-1].i2t, "t2i": scores[-1].t2i},
+        "live_map_at_k": {
+            "k": cfg.replay.score_topk,
+            **{key: getattr(last, key) for key in SCORE_KEYS if getattr(last, key) is not None},
+        },
         "stored_codes": stored,
         "query_latency": latency,
         "wall_s": time.monotonic() - wall,
@@ -250,7 +259,7 @@ def print_summary(s: dict[str, Any], rate_line: str) -> None:
     stored, lat, live = s["stored_codes"], s["query_latency"], s["live_map_at_k"]
     lines = [
         "",
-        "summary",
+        f"summary ({s['protocol']})",
         f"  replay            {rate_line}",
         f"  store lag         every chunk's codes stored within {s['store_lag_s']['max']:.1f} s of its last arrival "
         f"(median {s['store_lag_s']['median']:.1f} s)",
@@ -263,4 +272,9 @@ def print_summary(s: dict[str, Any], rate_line: str) -> None:
         f"{lat['queries']} round trips)",
         f"  wall time         {s['wall_s']:.0f} s",
     ]
+    if "i2t_new" in stored:
+        lines[6:6] = [
+            f"    new-label queries I->T {stored['i2t_new']:.4f}  T->I {stored['t2i_new']:.4f}",
+            f"    other queries     I->T {stored['i2t_old']:.4f}  T->I {stored['t2i_old']:.4f}",
+        ]
     print("\n".join(lines), flush=True)

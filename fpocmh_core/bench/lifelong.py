@@ -9,6 +9,9 @@ Methods, all starting from the same original-phase model trained on the seen ite
 - ``frozen``: the original model, new items coded by it.
 Queries are always encoded by the method's current networks and ranked against the database codes as
 stored; ``*_new`` is mAP over the queries that carry a new label, ``*_old`` over the others.
+With ``--seeds`` each seed has its own split, initialisation and Omega draws; the run ends with mean
+and sd per cell and DLCH's differences to the baselines paired by seed, each marked whether it
+exceeds 2 sd.
 """
 
 from __future__ import annotations
@@ -24,13 +27,16 @@ import numpy as np
 
 HELP = "P2 lifelong benchmark: DLCH vs full retraining, naive fine-tuning and the frozen model"
 METHODS = ("dlch", "retrain", "naive", "frozen")
-COLUMNS = ("method", "bits", "increment", "i2t", "t2i", "i2t_new", "t2i_new", "i2t_old", "t2i_old", "seconds")
+SCORES = ("i2t", "t2i", "i2t_new", "t2i_new", "i2t_old", "t2i_old")
+COLUMNS = ("method", "bits", "seed", "increment", *SCORES, "seconds")
+# Differences DLCH is judged by (see ``summary``), paired by seed: (other method, query group).
+PAIRED = (("frozen", "new"), ("naive", "old"), ("retrain", ""))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fpocmh_core.bench.report import add_common_arguments
 
-    add_common_arguments(parser)
+    add_common_arguments(parser, multi_seed=True)
     parser.add_argument("--protocol", choices=["p2"], default="p2", help="benchmark protocol")
     parser.add_argument("--increments", type=int, help="new items arrive in this many chunks (default: config/p2.yaml)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run")
@@ -106,7 +112,9 @@ def dlch_increment(learner: Any, records: list, batch: int) -> tuple[np.ndarray,
     return ids, image, text
 
 
-def run_bits(args: argparse.Namespace, ds: Any, split: Any, bits: int, overrides: dict[str, Any]) -> list[dict]:
+def run_bits(
+    args: argparse.Namespace, ds: Any, split: Any, bits: int, seed: int, overrides: dict[str, Any]
+) -> list[dict]:
     from fpocmh_core.learners.dlch import DlchLearner
     from fpocmh_core.protocols import paired_records
     from fpocmh_core.records import Modality
@@ -119,7 +127,7 @@ def run_bits(args: argparse.Namespace, ds: Any, split: Any, bits: int, overrides
     boot_seconds = time.perf_counter() - started
     ids, img, txt = base.frozen_codes()
     original_db = Database(ids, img, txt)
-    rows = [{"method": "original", "bits": bits, "increment": 0, "seconds": boot_seconds}]
+    rows = [{"method": "original", "bits": bits, "seed": seed, "increment": 0, "seconds": boot_seconds}]
     rows[0].update(score(base.model, original_db, ds, query, query_new))
     learners = {m: copy.deepcopy(base) for m in ("dlch", "naive") if m in args.methods}
     dbs = {m: original_db for m in args.methods}
@@ -154,7 +162,7 @@ def run_bits(args: argparse.Namespace, ds: Any, split: Any, bits: int, overrides
                 seconds = time.perf_counter() - started
                 model = retrained.model
                 dbs[method] = Database(*retrained.frozen_codes())
-            row = {"method": method, "bits": bits, "increment": k, "seconds": seconds}
+            row = {"method": method, "bits": bits, "seed": seed, "increment": k, "seconds": seconds}
             row.update(score(model, dbs[method], ds, query, query_new))
             rows.append(row)
             if progress:
@@ -169,21 +177,21 @@ def run_bits(args: argparse.Namespace, ds: Any, split: Any, bits: int, overrides
 def summary(rows: list[dict]) -> list[str]:
     """DLCH against the targets: time and mAP relative to retraining, forgetting vs naive, new vs frozen."""
     lines = []
-    by = {(r["method"], r["bits"], r["increment"]): r for r in rows}
-    for (method, bits, inc), r in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][2])):
+    by = {(r["method"], r["bits"], r["seed"], r["increment"]): r for r in rows}
+    for (method, bits, seed, inc), r in sorted(by.items(), key=lambda kv: kv[0][1:]):
         if method != "dlch":
             continue
-        parts = [f"bits {bits} increment {inc}: dlch"]
-        if (ret := by.get(("retrain", bits, inc))) is not None:
+        parts = [f"bits {bits} seed {seed} increment {inc}: dlch"]
+        if (ret := by.get(("retrain", bits, seed, inc))) is not None:
             parts.append(
                 f"time {100 * r['seconds'] / ret['seconds']:.1f}% of retrain, "
                 f"mAP {100 * r['i2t'] / ret['i2t']:.1f}% / {100 * r['t2i'] / ret['t2i']:.1f}% of retrain (i2t / t2i)"
             )
-        if (nai := by.get(("naive", bits, inc))) is not None:
+        if (nai := by.get(("naive", bits, seed, inc))) is not None:
             parts.append(
                 f"old-query mAP - naive {r['i2t_old'] - nai['i2t_old']:+.4f} / {r['t2i_old'] - nai['t2i_old']:+.4f}"
             )
-        if (fro := by.get(("frozen", bits, inc))) is not None:
+        if (fro := by.get(("frozen", bits, seed, inc))) is not None:
             parts.append(
                 f"new-query mAP - frozen {r['i2t_new'] - fro['i2t_new']:+.4f} / {r['t2i_new'] - fro['t2i_new']:+.4f}"
             )
@@ -192,6 +200,7 @@ def summary(rows: list[dict]) -> list[str]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """mAP per increment, one line per method and code length (``rows`` of one seed, or means over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -218,42 +227,75 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def over_seeds(rows: list[dict], seeds: list[int]) -> tuple[list[dict], list[str]]:
+    """Mean and sd per method, code length and increment, and DLCH's differences paired by seed (each
+    marked whether it exceeds 2 sd): to the frozen model on new-label queries, to naive fine-tuning on
+    the others, and to full retraining on all queries."""
+    from fpocmh_core.bench.report import aggregate, format_mean_sd, format_table, paired_difference
+
+    cells = aggregate(rows, ("method", "bits", "increment"), (*SCORES, "seconds"))
+    shown = [{**c, **{v: format_mean_sd(c, v) for v in (*SCORES, "seconds")}} for c in cells]
+    lines = [f"mean ± sd over seeds {seeds}:", format_table(shown, ("method", "bits", "increment", "runs", *SCORES))]
+    methods = {r["method"] for r in rows}
+    for bits, inc in dict.fromkeys((r["bits"], r["increment"]) for r in rows if r["method"] == "dlch"):
+        mine = [r for r in rows if r["bits"] == bits and r["increment"] == inc]
+        for other, group in PAIRED:
+            if other not in methods:
+                continue
+            keys = [f"{d}_{group}" if group else d for d in ("i2t", "t2i")]
+            diffs = [paired_difference(mine, "method", "dlch", other, ("seed",), key) for key in keys]
+            queries = f"{group}-label queries" if group else "all queries"
+            lines.append(f"bits {bits} increment {inc}: dlch - {other} on {queries}: I->T {diffs[0]}, T->I {diffs[1]}")
+    return cells, lines
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from fpocmh_core import config
-    from fpocmh_core.bench.report import format_table, write_json
+    from fpocmh_core.bench.report import format_table, seeds, write_json
     from fpocmh_core.data import load_dataset
+    from fpocmh_core.learners.dlch_train import DlchConfig
     from fpocmh_core.protocols import P2Config, p2_split
 
     torch.set_num_threads(args.threads)
-    p2_overrides: dict[str, Any] = {"seed": args.seed}
-    if args.increments is not None:
-        p2_overrides["increments"] = args.increments
-    p2 = config.load(P2Config, "p2", overrides=p2_overrides)
-    overrides = {"seed": args.seed, **config.parse_overrides(args.set)}
     ds = load_dataset(args.data)
-    split = p2_split(ds, p2)
-    if not args.quiet:
-        sizes = ", ".join(str(len(r)) for r in split.increments)
-        print(f"P2 on {ds.name}: {len(split.query)} queries, {len(split.seen)} seen items, increments of {sizes}")
+    runs = seeds(args)
     rows: list[dict] = []
-    for bits in args.bits:
-        rows.extend(run_bits(args, ds, split, bits, overrides))
+    for seed in runs:
+        p2_overrides: dict[str, Any] = {"seed": seed}
+        if args.increments is not None:
+            p2_overrides["increments"] = args.increments
+        p2 = config.load(P2Config, "p2", overrides=p2_overrides)
+        overrides = {**config.parse_overrides(args.set), "seed": seed}
+        split = p2_split(ds, p2)
+        if not args.quiet:
+            sizes = ", ".join(str(len(r)) for r in split.increments)
+            print(
+                f"P2 on {ds.name}, seed {seed}: {len(split.query)} queries, {len(split.seen)} seen items, "
+                f"increments of {sizes}"
+            )
+        for bits in args.bits:
+            rows.extend(run_bits(args, ds, split, bits, seed, overrides))
     print(format_table(rows, COLUMNS))
     for line in summary(rows):
         print(line)
-    from fpocmh_core.learners.dlch_train import DlchConfig
-
+    extra: dict[str, Any] = {}
+    cells = rows
+    if len(runs) > 1:
+        cells, lines = over_seeds(rows, runs)
+        print("\n" + "\n".join(lines))
+        extra = {"over_seeds": cells, "paired_differences": lines}
     dlch_cfg = config.load(DlchConfig, "dlch", overrides=overrides)
     write_json(
         args.json,
         rows,
-        protocol=config.to_dict(p2),
+        protocol={**config.to_dict(p2), "seed": runs if len(runs) > 1 else runs[0]},
         dlch=config.to_dict(dlch_cfg),
         split={"query": len(split.query), "seen": len(split.seen), "increments": [len(r) for r in split.increments]},
         summary=summary(rows),
+        **extra,
     )
     if args.plot is not None:
-        plot(rows, args.plot)
+        plot(cells, args.plot)  # the mean over seeds, when there are several
     return 0

@@ -3,6 +3,9 @@
 For each code length both are trained on the P1 offline part (or on the whole database) and evaluated
 on protocol P1's queries (the file's split==1 rows) against the whole database, encoded by the
 trained model: mAP over the full ranking, I->T and T->I. ``seconds`` is the training (fitting) time.
+With ``--seeds`` every seed has its own split and initialisation, and the table ends with mean and
+sd per cell. CCA at a code length beyond its canonical directions is reported as not applicable, with
+the reason; the hash model runs at any length.
 """
 
 from __future__ import annotations
@@ -26,13 +29,15 @@ if TYPE_CHECKING:
 
 HELP = "offline supervised hashing and CCA on the P1 offline part (or all): mAP on the queries per code length"
 METHODS = ("offline", "cca")
-COLUMNS = ("method", "bits", "train_on", "n_train", "i2t", "t2i", "val_map", "epochs", "seconds")
+COLUMNS = ("method", "bits", "seed", "train_on", "n_train", "i2t", "t2i", "val_map", "epochs", "seconds")
+# What is averaged over seeds (--seeds).
+SEED_VALUES = ("i2t", "t2i", "seconds")
 
 Encoder = Callable[[np.ndarray, Modality], np.ndarray]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    report.add_common_arguments(parser, bits_default=(16, 32, 64, 128))
+    report.add_common_arguments(parser, bits_default=(16, 32, 64, 128), multi_seed=True)
     parser.add_argument(
         "--train-on", choices=["offline", "all"], default="offline", help="the P1 offline part, or the whole database"
     )
@@ -84,45 +89,75 @@ def query_scores(encode: Encoder, ds: CrossModalDataset, split: P1Split) -> eval
     )
 
 
+def run_method(method: str, bits: int, seed: int, setup: TrainingSetup, cfg: Any, progress: bool) -> dict[str, Any]:
+    """One method at one code length on one seed's setup: its row, or why it is not applicable."""
+    from fpocmh_core.baselines import CCAHasher
+    from fpocmh_core.offline import train_offline
+
+    data = setup.data
+    row: dict[str, Any] = {"method": method, "bits": bits, "seed": seed, "n_train": len(setup.rows)}
+    if method == "cca":
+        reason = CCAHasher.not_applicable(bits, *setup.ds.dims, len(data.pairs) if data.pairs is not None else 0)
+        if reason is not None:
+            print(f"[{bits} bits] cca: not applicable: {reason}", flush=True)
+            return row | {"not_applicable": reason}
+    start = time.perf_counter()
+    if method == "offline":
+        res = train_offline(data, bits, cfg, progress=progress, seed=seed)
+        encode: Encoder = res.model.encode
+        row |= {"val_map": res.val_map, "epochs": res.epochs}
+    else:
+        encode = CCAHasher(bits).fit(data).encode
+    row["seconds"] = time.perf_counter() - start
+    scores = query_scores(encode, setup.ds, setup.split)
+    row |= {"i2t": scores.i2t, "t2i": scores.t2i}
+    print(f"[{bits} bits] {method}: I->T {scores.i2t:.4f}  T->I {scores.t2i:.4f}  ({row['seconds']:.1f}s)", flush=True)
+    return row
+
+
+def seed_table(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+    """Mean and sd over seeds per method and code length (methods that ran), and that table as text."""
+    ran = [r for r in results if "not_applicable" not in r]
+    cells = report.aggregate(ran, ("method", "bits"), SEED_VALUES)
+    rows = [{**c, **{v: report.format_mean_sd(c, v) for v in SEED_VALUES}} for c in cells]
+    return cells, report.format_table(rows, ("method", "bits", "runs", *SEED_VALUES))
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from fpocmh_core.baselines import CCAHasher
-    from fpocmh_core.offline import load_offline_config, train_offline
+    from fpocmh_core.offline import load_offline_config
 
     torch.set_num_threads(args.threads)
-    setup = training_setup(args.data, args.seed, args.train_on)
-    ds, p1, split, rows, data = setup.ds, setup.p1, setup.split, setup.rows, setup.data
     cfg = load_offline_config(overrides=config.parse_overrides(args.set))
+    seeds = report.seeds(args)
     results: list[dict[str, Any]] = []
-    for bits in args.bits:
-        for method in args.methods:
-            row: dict[str, Any] = {"method": method, "bits": bits, "train_on": args.train_on, "n_train": len(rows)}
-            start = time.perf_counter()
-            if method == "offline":
-                res = train_offline(data, bits, cfg, progress=not args.quiet, seed=args.seed)
-                encode: Encoder = res.model.encode
-                row |= {"val_map": res.val_map, "epochs": res.epochs}
-            else:
-                encode = CCAHasher(bits).fit(data).encode
-            row["seconds"] = time.perf_counter() - start
-            scores = query_scores(encode, ds, split)
-            row |= {"i2t": scores.i2t, "t2i": scores.t2i}
-            results.append(row)
-            print(
-                f"[{bits} bits] {method}: I->T {scores.i2t:.4f}  T->I {scores.t2i:.4f}  ({row['seconds']:.1f}s)",
-                flush=True,
-            )
+    for seed in seeds:
+        setup = training_setup(args.data, seed, args.train_on)
+        for bits in args.bits:
+            for method in args.methods:
+                row = run_method(method, bits, seed, setup, cfg, not args.quiet)
+                results.append({**row, "train_on": args.train_on})
     print(report.format_table(results, COLUMNS))
+    for method, bits, reason in dict.fromkeys((r["method"], r["bits"], r.get("not_applicable")) for r in results):
+        if reason is not None:
+            print(f"{method} at {bits} bits: not applicable: {reason}")
+    extra: dict[str, Any] = {}
+    if len(seeds) > 1:
+        cells, table = seed_table(results)
+        print(f"\nmean ± sd over seeds {seeds}:\n{table}")
+        extra["over_seeds"] = cells
+    p1 = config.to_dict(setup.p1)
     report.write_json(
         args.json,
         results,
         benchmark="offline",
-        dataset=ds.name,
+        dataset=setup.ds.name,
         train_on=args.train_on,
-        n_query=int(split.query.size),
-        n_database=int(split.database.size),
-        p1=config.to_dict(p1),
+        n_query=int(setup.split.query.size),
+        n_database=int(setup.split.database.size),
+        p1={**p1, "seed": seeds if len(seeds) > 1 else seeds[0]},
         offline_config=config.to_dict(cfg),
+        **extra,
     )
     return 0

@@ -29,12 +29,19 @@ class CodeRecord:
 
 @dataclass
 class LearnReport:
-    """What one ``learn`` call did: optimiser steps per modality, mean loss terms, codes to publish."""
+    """What one ``learn`` call did: optimiser steps per modality, mean loss terms, codes to publish.
+
+    ``outcomes`` counts arrivals by what the learner did with them, each arrival once, when that is
+    decided (a learner that buffers decides later); ``pending`` is how many arrivals it holds undecided
+    after the call. Learners that learn from every arrival as it comes may leave both empty.
+    """
 
     items: int = 0
     steps: dict[str, int] = field(default_factory=lambda: {"img": 0, "txt": 0})
     losses: dict[str, float] = field(default_factory=dict)
     codes: list[CodeRecord] = field(default_factory=list)
+    outcomes: dict[str, int] = field(default_factory=dict)
+    pending: int = 0
 
 
 class OnlineLearner(ABC):
@@ -63,6 +70,10 @@ class OnlineLearner(ABC):
     def encode(self, x: np.ndarray, modality: Modality) -> np.ndarray:
         """Packed codes from the current model. Pure: never changes the learner."""
         return self.model.encode(x, modality)
+
+    def flush(self) -> LearnReport:
+        """Act on whatever the learner buffers (the stream paused or ended); nothing to do by default."""
+        return LearnReport()
 
     @abstractmethod
     def export_state(self) -> ModelState:

@@ -12,12 +12,28 @@ Codes are per modality (B_x from image, B_y from text, as in the code's original
 unified sign(B_x + B_y) would give 0-valued bits where they disagree (B5). Omega is drawn from the
 whole current database: the frozen part through a uniform reservoir of old items whose features the
 learner keeps (``lifelong.reservoir``), the new part from the increment itself, in proportion to
-their sizes. Items that arrive with one modality or without labels cannot enter the lifelong loss;
-they are coded by the updated networks and are not added to the frozen set.
+their sizes.
+
+What happens to an arrival DLCH cannot use as it arrives. The lifelong loss needs an item's image,
+its text and its labels. DLCH **buffers** every arrival of the increment, then joins the two halves of
+a pair that arrived apart (a partial-modal stream splits pairs into an image-only and a text-only item
+within a chunk; labels carried by either half count for the pair). What is then paired and labelled
+is learned; the rest (no labels, or a half whose other half did not arrive in the same increment) is
+**coded by the updated networks without learning** and not added to the frozen set. Each arrival is
+counted once in ``LearnReport.outcomes`` when its increment is learned:
+
+- ``learned``: it entered the lifelong update (a paired arrival, or one half of a joined pair);
+- ``coded``: coded by the updated networks without learning (unlabelled, or its other half missing);
+- ``known``: its item already holds frozen codes (a redelivery), left as stored;
+- ``offline``: chunk -1, the original data version 0 was trained on.
+
+``LearnReport.pending`` is the number of arrivals buffered in the open increment. Nothing is dropped: a
+stopped learner exports the buffer with its state, and :meth:`flush` learns it (the stream ended).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -70,8 +86,25 @@ def positions(all_ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
 def merge_reports(into: LearnReport, other: LearnReport) -> None:
     for key, value in other.steps.items():
         into.steps[key] = into.steps.get(key, 0) + value
+    for key, value in other.outcomes.items():
+        into.outcomes[key] = into.outcomes.get(key, 0) + value
     into.losses.update(other.losses)
     into.codes.extend(other.codes)
+
+
+def join_halves(records: Sequence[ItemRecord]) -> tuple[dict[int, ItemRecord], Counter[int]]:
+    """One record per item, in first-arrival order: an item's image, text and labels from whichever of
+    its arrivals carried them; plus how many arrivals each item had."""
+    parts: dict[int, dict[str, np.ndarray | None]] = {}
+    arrivals: Counter[int] = Counter()
+    for r in records:
+        arrivals[r.item_id] += 1
+        item = parts.setdefault(r.item_id, {"image": None, "text": None, "labels": None, "chunk": r.chunk})
+        for key in ("image", "text", "labels"):
+            if item[key] is None:
+                item[key] = getattr(r, key)
+    joined = {i: ItemRecord(i, p["image"], p["text"], p["labels"], int(p["chunk"])) for i, p in parts.items()}
+    return joined, arrivals
 
 
 class DlchLearner(OnlineLearner):
@@ -135,6 +168,7 @@ class DlchLearner(OnlineLearner):
         report = LearnReport(items=sum(r.chunk != -1 for r in batch))
         for record in batch:
             if record.chunk == -1:
+                report.outcomes["offline"] = report.outcomes.get("offline", 0) + 1
                 continue
             if self.pending and record.chunk != self.pending_chunk:
                 merge_reports(report, self.finish_increment())
@@ -142,22 +176,26 @@ class DlchLearner(OnlineLearner):
             self.pending_chunk = record.chunk
             if len(self.pending) >= self.cfg.lifelong.buffer_size:
                 merge_reports(report, self.finish_increment())
+        report.pending = len(self.pending)
         return report
 
     def finish_increment(self) -> LearnReport:
         """Run the lifelong update on the buffered increment (no-op when nothing is buffered)."""
         records, self.pending, self.pending_chunk = self.pending, [], None
         report = LearnReport()
+        joined, arrivals = join_halves(records)
         known = set(self.frozen["ids"].tolist())
         usable: dict[int, ItemRecord] = {}
         others: list[ItemRecord] = []
-        for record in records:
-            if record.item_id in known:
-                continue
-            if record.is_paired and record.labels is not None:
-                usable[record.item_id] = record
+        for item_id, record in joined.items():
+            if item_id in known:
+                outcome = "known"
+            elif record.is_paired and record.labels is not None:
+                usable[item_id], outcome = record, "learned"
             else:
                 others.append(record)
+                outcome = "coded"
+            report.outcomes[outcome] = report.outcomes.get(outcome, 0) + arrivals[item_id]
         if not usable and not others:
             return report
         self.updates += 1
@@ -176,7 +214,7 @@ class DlchLearner(OnlineLearner):
                 report.codes.append(CodeRecord(item_id, Modality.IMAGE, packed_img[i]))
                 report.codes.append(CodeRecord(item_id, Modality.TEXT, packed_txt[i]))
         for m in Modality:
-            views = [r for r in others if r.features(m) is not None and r.item_id not in usable]
+            views = [r for r in others if r.features(m) is not None]
             if views:
                 packed = self.model.encode(np.stack([r.features(m) for r in views]), m)
                 report.codes.extend(CodeRecord(r.item_id, m, packed[i]) for i, r in enumerate(views))

@@ -10,7 +10,7 @@ learner is exactly as if the batch never came) and raises :class:`NonFiniteStep`
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -44,16 +44,23 @@ class GuardedLearner:
         self.rollbacks = 0
 
     def learn(self, batch: Sequence[ItemRecord]) -> LearnReport:
+        return self._undoable(lambda: self.learner.learn(batch), f"a batch of {len(batch)}")
+
+    def flush(self) -> LearnReport:
+        """The learner's :meth:`~OnlineLearner.flush` (what it buffers, learnt), under the same guard."""
+        return self._undoable(self.learner.flush, "a flush")
+
+    def _undoable(self, step: Callable[[], LearnReport], what: str) -> LearnReport:
         saved = self.learner.export_state().detached()
         try:
-            report = self.learner.learn(batch)
+            report = step()
         except Exception:
             self._restore(saved)
             raise
         problem = nonfinite(report, self.learner)
         if problem:
             self._restore(saved)
-            raise NonFiniteStep(f"{problem} after a batch of {len(batch)}; rolled back")
+            raise NonFiniteStep(f"{problem} after {what}; rolled back")
         return report
 
     def _restore(self, saved: ModelState) -> None:
