@@ -28,7 +28,7 @@ class ModelCheckConfig:
     """Thresholds of :func:`model_problems` (``config/pipeline.yaml``, ``model_check``)."""
 
     probe_items: int  # rows of the probe sample drawn at version 0
-    min_distinct_share: float  # distinct codes / probe rows, per modality
+    min_distinct_share: float  # distinct codes / distinct probe inputs, per modality
     max_constant_bit_share: float  # bits equal on every probe row / bits, per modality
 
 
@@ -82,11 +82,12 @@ def model_problems(model: HashModel, probe: Probe | None, cfg: ModelCheckConfig)
             problems.append(f"{modality.short}: non-finite outputs on the probe set")
             continue
         signs = codes.sign_codes(relaxed)
-        distinct = len(np.unique(codes.pack(signs), axis=0)) / len(signs)
+        # Relative to the distinct inputs: probe items with identical features (no tags) share a code anyway.
+        distinct = len(np.unique(codes.pack(signs), axis=0)) / len(np.unique(x, axis=0))
         constant = float(np.mean(np.all(signs == signs[:1], axis=0)))
         if distinct < cfg.min_distinct_share:
             problems.append(
-                f"{modality.short}: collapsed, {distinct:.0%} distinct codes on {len(signs)} probe items "
+                f"{modality.short}: collapsed, distinct codes for {distinct:.0%} of the distinct probe inputs "
                 f"(min {cfg.min_distinct_share:.0%})"
             )
         if constant > cfg.max_constant_bit_share:
