@@ -115,6 +115,7 @@ class ReplayConfig:
     rate: float
     linger_ms: int
     offline: bool
+    bad_share: float
     score_batch: int
     score_topk: int
     metrics_port: int
@@ -183,6 +184,8 @@ class PipelineConfig:
             raise config.ConfigError(f"pipeline: message_max_bytes {self.message_max_bytes} is below 64 KiB")
         if self.replay.rate < 0:
             raise config.ConfigError(f"pipeline: replay.rate must be >= 0, got {self.replay.rate}")
+        if not 0 <= self.replay.bad_share < 1:
+            raise config.ConfigError(f"pipeline: replay.bad_share must be in [0, 1), got {self.replay.bad_share}")
         for name in ("encoder", "learner", "query"):
             if getattr(self, name).batch_size < 1:
                 raise config.ConfigError(f"pipeline: {name}.batch_size must be >= 1")

@@ -10,11 +10,13 @@ queries with and without a new label.
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +28,7 @@ from fpocmh_core import evaluation, schemas
 from fpocmh_core.data import CrossModalDataset
 from fpocmh_core.protocols import Stream, paired_records
 from fpocmh_core.records import ItemRecord, Modality
+from producers.drill import BadArrival, bad_arrivals
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,8 @@ class RateReport:
     seconds: float = 0.0
     # (items, seconds) per full window of WINDOW_S seconds of sending time
     windows: list[tuple[int, float]] = field(default_factory=list)
+    # bad arrivals of the fault drill, by kind (producers/drill.py)
+    bad_sent: dict[str, int] = field(default_factory=dict)
 
     _window: tuple[int, float] = field(default=(0, 0.0), repr=False)
 
@@ -81,7 +86,11 @@ class RateReport:
 
 
 class Replayer:
-    """Produces arrivals at ``rate`` items/s (0: as fast as possible); pauses between calls don't count."""
+    """Produces arrivals at ``rate`` items/s (0: as fast as possible); pauses between calls don't count.
+
+    With ``drill`` (see :mod:`producers.drill`), one bad arrival goes out after every ``1 / bad_share``
+    good ones; ``bad_sent`` counts them by kind.
+    """
 
     def __init__(
         self,
@@ -90,11 +99,19 @@ class Replayer:
         dtypes: schemas.WireDtypes,
         rate: float,
         stop: threading.Event | None = None,
+        drill: Iterator[BadArrival] | None = None,
     ) -> None:
-        self.rt = Runtime(cfg, "replay", metrics, stop, {"linger.ms": cfg.replay.linger_ms})
+        props: dict[str, Any] = {"linger.ms": cfg.replay.linger_ms}
+        if drill is not None:
+            props["message.max.bytes"] = 2 * cfg.message_max_bytes  # the oversize kind must leave the producer
+        self.rt = Runtime(cfg, "replay", metrics, stop, props)
         self.dtypes = dtypes
         self.topic = cfg.topics.arrivals
         self.report = RateReport(target=rate)
+        self.drill = drill
+        self.every = max(1, round(1 / cfg.replay.bad_share)) if cfg.replay.bad_share > 0 else 0
+        self.bad_sent: collections.Counter[str] = collections.Counter()
+        self._good = 0
 
     def send(self, records: Sequence[ItemRecord], progress: Callable[[int], object] | None = None) -> int:
         """Produce ``records`` on schedule and wait for their acks; returns how many were sent."""
@@ -112,6 +129,7 @@ class Replayer:
             for record in records[sent:upto]:
                 value, headers = schemas.encode_arrival(record, self.dtypes)
                 self.rt.produce(self.topic, value, key=str(record.item_id).encode(), headers=headers)
+                self._maybe_bad()
             self.rt.producer.poll(0)
             if progress is not None:
                 progress(upto - sent)
@@ -120,6 +138,14 @@ class Replayer:
             sent, last = upto, now
         self.rt.flush()
         return sent
+
+    def _maybe_bad(self) -> None:
+        self._good += 1
+        if self.drill is None or not self.every or self._good % self.every:
+            return
+        bad = next(self.drill)
+        self.rt.produce(self.topic, bad.value, key=b"drill", headers=bad.headers)
+        self.bad_sent[bad.kind] += 1
 
     def close(self) -> None:
         self.rt.producer.flush(self.rt.cfg.flush_timeout_s)
@@ -233,7 +259,8 @@ def replay_stream(
 
     chunks = schedule(ds, stream, cfg.replay.offline)
     split = stream.split
-    replayer = Replayer(cfg, metrics, wire_dtypes(ds), cfg.replay.rate, stop)
+    drill = bad_arrivals(ds, cfg.message_max_bytes) if cfg.replay.bad_share > 0 else None
+    replayer = Replayer(cfg, metrics, wire_dtypes(ds), cfg.replay.rate, stop, drill)
     scores: list[ChunkScore] = []
     bar = tqdm(total=sum(map(len, chunks)), unit="item", disable=not progress, smoothing=0.1)
     try:
@@ -269,6 +296,7 @@ def replay_stream(
     finally:
         bar.close()
         replayer.close()
+    replayer.report.bad_sent = dict(replayer.bad_sent)
     return replayer.report, scores
 
 

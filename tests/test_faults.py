@@ -180,3 +180,17 @@ def test_a_probe_travels_in_the_state_with_the_label_count(tiny_learner, probe, 
     assert back.n_labels == mirflickr.n_labels
     np.testing.assert_array_equal(back.image, probe.image)
     assert Probe.of(tiny_learner.export_state()) is None, "states from before probes carry none"
+
+
+def test_every_kind_of_the_fault_drill_is_refused_by_the_arrival_check_with_its_reason(mirflickr, arrivals):
+    from producers.drill import KINDS, bad_arrivals
+
+    drill = bad_arrivals(mirflickr, message_max_bytes=1_000_000)
+    for _ in range(2 * len(KINDS)):
+        bad = next(drill)
+        if bad.kind == "oversize":
+            assert len(bad.value) > 1_000_000, "the runtime refuses it by size before decoding"
+            continue
+        with pytest.raises(schemas.SchemaError) as err:
+            arrivals.check(schemas.decode_arrival(bad.value, bad.headers))
+        assert err.value.reason == bad.reason, bad.kind

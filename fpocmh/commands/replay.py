@@ -28,6 +28,18 @@ def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--unimodal-share", type=float, help="p1/p3: share of pairs split into two unimodal items")
     parser.add_argument("--label-share", type=float, help="p1/p3: share of stream items that carry their labels")
+    parser.add_argument(
+        "--bad-share",
+        type=float,
+        help="fault drill: also send about this share of bad arrivals of every kind, which must all end in the "
+        "dead-letter topic (default: replay.bad_share, 0)",
+    )
+
+
+def replay_sets(args: argparse.Namespace) -> list[str]:
+    """``--rate`` and ``--bad-share`` as config overrides."""
+    flags = (("replay.rate", args.rate), ("replay.bad_share", args.bad_share))
+    return [f"{key}={value}" for key, value in flags if value is not None]
 
 
 def load_protocol(args: argparse.Namespace, ds: CrossModalDataset) -> Stream:
@@ -69,9 +81,8 @@ def run(args: argparse.Namespace) -> int:
     from fpocmh_core.data import load_dataset
     from producers.replay import replay_stream
 
-    sets = [f"replay.rate={args.rate}"] if args.rate is not None else []
-    sets += ["replay.offline=false"] if args.no_offline else []
-    cfg = load_config(args, *sets)
+    sets = ["replay.offline=false"] if args.no_offline else []
+    cfg = load_config(args, *replay_sets(args), *sets)
     require_broker(cfg, "fpocmh replay")
     ds = load_dataset(args.data)
     stream = load_protocol(args, ds)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fpocmh.commands.pipeline_args import add_pipeline_arguments, load_config
-from fpocmh.commands.replay import add_protocol_arguments
+from fpocmh.commands.replay import add_protocol_arguments, replay_sets
 
 HELP = "run the whole pipeline on P1, P2 or P3 (embedded broker unless Kafka is configured) and print a summary"
 
@@ -150,6 +150,26 @@ def stored_codes_map(cfg: Any, ds: Any, query_rows: Any, query_new: Any, metrics
     return {"model_version": newest.version, "codes": len(latest), "codes_by_version": by_version, **scores}
 
 
+def dead_letters_by_reason(cfg: Any, metrics: Any) -> dict[str, int]:
+    """Every message on the dead-letter topic now, counted by its reason header."""
+    import collections
+
+    from consumers.runtime import Runtime, TopicReader
+    from fpocmh_core import schemas
+
+    def reason(msg: Any) -> str:
+        return (schemas.header(msg.headers(), schemas.DLQ_REASON) or b"?").decode(errors="replace")
+
+    reader = TopicReader(Runtime(cfg, "replay", metrics), cfg.topics.dead_letters, reason, 50)
+    counts: collections.Counter[str] = collections.Counter()
+    try:
+        while not reader.caught_up():
+            counts.update(d.value for d in reader.poll(10_000, 0.2))
+    finally:
+        reader.close()
+    return dict(sorted(counts.items()))
+
+
 def published_versions(checkpoint_dir: Path) -> int | None:
     pointer = checkpoint_dir / "LATEST"
     return int(pointer.read_text().strip().lstrip("v")) + 1 if pointer.is_file() else None
@@ -177,10 +197,10 @@ def run(args: argparse.Namespace) -> int:
     from consumers.runtime import install_signal_handlers
     from fpocmh.commands.replay import load_protocol, score_printer
     from fpocmh_core.data import load_dataset
-    from producers.replay import SCORE_KEYS, replay_stream
+    from producers.replay import SCORE_KEYS, expected_codes, replay_stream, schedule
 
     wall = time.monotonic()
-    cfg = load_config(args, *([f"replay.rate={args.rate}"] if args.rate is not None else []))
+    cfg = load_config(args, *replay_sets(args))
     ds = load_dataset(args.data)
     stream = load_protocol(args, ds)
     split = stream.split
@@ -219,14 +239,15 @@ def run(args: argparse.Namespace) -> int:
                 return 130
             latency = probe_latency(client, ds, split.query, cfg.run.latency_probes)
             stored = stored_codes_map(cfg, ds, split.query, split.query_new, metrics)
+            dead = dead_letters_by_reason(cfg, metrics)
+            stored["codes_expected"] = sum(expected_codes(schedule(ds, stream, cfg.replay.offline)))
         except InterruptedError:
             print("interrupted")
             return 130
         finally:
             if client is not None:
                 client.close()
-            for role in roles:
-                role.stop()
+            exits = {role.command: role.stop() for role in roles}
     lags = [s.catchup_s for s in scores]
     last = scores[-1]
     summary = {
@@ -244,6 +265,8 @@ def run(args: argparse.Namespace) -> int:
         },
         "stored_codes": stored,
         "query_latency": latency,
+        # The fault drill's bad arrivals by kind, dead letters by reason, and how the roles ended (0: clean).
+        "faults": {"bad_sent": report.bad_sent, "dead_letters": dead, "role_exit_codes": exits},
         "wall_s": time.monotonic() - wall,
         "chunks": [dataclasses.asdict(s) for s in scores],
     }
@@ -266,10 +289,14 @@ def print_summary(s: dict[str, Any], rate_line: str) -> None:
         f"  model versions    {s['model_versions_published']} published; store codes by version "
         f"{stored['codes_by_version']}",
         f"  mAP stored codes  I->T {stored['i2t']:.4f}  T->I {stored['t2i']:.4f}  (full ranking, "
-        f"{stored['codes']} codes, queries hashed by v{stored['model_version']})",
+        f"{stored['codes']} codes of {stored['codes_expected']} expected, "
+        f"queries hashed by v{stored['model_version']})",
         f"  live mAP@{live['k']:<7} I->T {live['i2t']:.4f}  T->I {live['t2i']:.4f}  (answers through Kafka)",
         f"  query latency     p50 {lat['p50_ms']:.1f} ms  p99 {lat['p99_ms']:.1f} ms  (top-{lat['k']}, "
         f"{lat['queries']} round trips)",
+        f"  dead letters      {s['faults']['dead_letters'] or 'none'}"
+        + (f" (fault drill sent {s['faults']['bad_sent']})" if s["faults"]["bad_sent"] else ""),
+        f"  roles             exit codes {s['faults']['role_exit_codes']}",
         f"  wall time         {s['wall_s']:.0f} s",
     ]
     if "i2t_new" in stored:
