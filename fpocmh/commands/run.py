@@ -1,6 +1,6 @@
 """``fpocmh run``: the whole pipeline on protocol P1, from an empty broker to a summary.
 
-Brings up the embedded broker unless Kafka is configured, creates the topics, trains (or reuses)
+Brings up a local broker (``--broker tansu|kafka``) unless Kafka is configured, creates the topics, trains (or reuses)
 version 0, starts the learner, one encoder and one query consumer as child processes, replays P1
 (offline part first, then the chunks), scores the query set against the live store after each chunk,
 and ends with items/s, model versions, mAP with the stored codes and query latency.
@@ -19,15 +19,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fpocmh.commands.pipeline_args import add_pipeline_arguments, load_config
+from fpocmh.commands.pipeline_args import add_broker_argument, add_pipeline_arguments, broker_kind, load_config
 
-HELP = "run the whole pipeline on P1 (embedded broker unless Kafka is configured) and print a summary"
+HELP = "run the whole pipeline on P1 (a local broker unless Kafka is configured) and print a summary"
 
 log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_pipeline_arguments(parser)
+    add_broker_argument(parser)
     parser.add_argument("--data", help="dataset file or folder (default: $FPOCMH_DATA, ./data, ../shared/data)")
     parser.add_argument("--rate", type=float, help="arrivals per second (default: replay.rate)")
     parser.add_argument("--unimodal-share", type=float, help="share of stream pairs split into two unimodal items")
@@ -177,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
 
     wall = time.monotonic()
     cfg = load_config(args, *([f"replay.rate={args.rate}"] if args.rate is not None else []))
+    kind = broker_kind(args, cfg)
     ds = load_dataset(args.data)
     p1cfg = config.load(P1Config, "p1", overrides=p1_overrides(args))
     split = p1_split(ds, p1cfg)
@@ -187,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = Metrics()
     metrics.serve(cfg.replay.metrics_port)
 
-    with connect(cfg, work) as cfg:
+    with connect(cfg, work, kind) as cfg:
         # The run's learner starts from version 0 and keeps only its newest checkpoint (~30 MB each).
         learner = dataclasses.replace(
             cfg.learner, checkpoint_dir=str(work / "learner"), init=str(v0), keep_checkpoints=1
