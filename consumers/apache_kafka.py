@@ -132,6 +132,7 @@ class ApacheKafkaBroker(BrokerProcess):
 
     def command(self) -> list[str]:
         self.controller_port = self.controller_port or free_port(self.host)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         props = write_properties(self.log_dir / "server.properties", self.server_properties())
         if not (self.log_dir / "data" / "meta.properties").is_file():
             self._format(props)

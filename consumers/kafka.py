@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 from consumers.broker import BROKER_KINDS, local_broker
 from consumers.settings import PipelineConfig
@@ -117,18 +117,32 @@ def ensure_topics(cfg: PipelineConfig, timeout: float = 30.0) -> list[str]:
     return created
 
 
+def _served(topic: Any, partitions: int) -> bool:
+    """The topic's metadata lists all its partitions, each with a leader."""
+    if topic is None or topic.error is not None or len(topic.partitions) < partitions:
+        return False
+    return all(p.error is None and p.leader >= 0 for p in topic.partitions.values())
+
+
+def _leaders_answer(admin: AdminClient, partitions: dict[str, int], timeout: float) -> bool:
+    """Every partition's leader answers an offsets request (metadata names a leader a moment before it leads)."""
+    specs = {TopicPartition(name, p): OffsetSpec.latest() for name, count in partitions.items() for p in range(count)}
+    try:
+        for future in admin.list_offsets(specs, request_timeout=timeout).values():
+            future.result(timeout)
+    except KafkaException:
+        return False
+    return True
+
+
 def wait_for_topics(admin: AdminClient, partitions: dict[str, int], timeout: float) -> None:
-    """Until the broker's metadata shows every topic with its partitions: on Apache Kafka, CreateTopics
-    returns when the controller has the topics, a moment before the broker serves them."""
+    """Until the broker's metadata shows every topic with its partitions and their leaders: on Apache
+    Kafka, CreateTopics returns when the controller has the topics, a moment before the broker serves them."""
     deadline = time.monotonic() + timeout
     while True:
         meta = admin.list_topics(timeout=timeout).topics
-        pending = [
-            name
-            for name, count in partitions.items()
-            if name not in meta or meta[name].error is not None or len(meta[name].partitions) < count
-        ]
-        if not pending:
+        pending = [name for name, count in partitions.items() if not _served(meta.get(name), count)]
+        if not pending and _leaders_answer(admin, partitions, timeout):
             return
         if time.monotonic() > deadline:
             raise KafkaException(f"topics {pending} not in the broker's metadata {timeout:.0f} s after creation")
