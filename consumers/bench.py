@@ -7,6 +7,8 @@
    store sizes (synthetic codes), against in-process faiss search on the same codes and the
    memory-bandwidth bound of one scan.
 3. Ingest with two encoder processes over one.
+4. Where the config has the encoder's ``delivery`` modes and the broker has transactions (not tansu):
+   one-encoder ingest with ``delivery=exactly_once``, on the same stream.
 """
 
 from __future__ import annotations
@@ -30,11 +32,12 @@ ROUND_TIMEOUT_S = 180.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fpocmh.commands.pipeline_args import add_pipeline_arguments
+    from fpocmh.commands.pipeline_args import add_broker_argument, add_pipeline_arguments
     from fpocmh_core.bench.report import add_common_arguments
 
     add_common_arguments(parser)
     add_pipeline_arguments(parser)
+    add_broker_argument(parser)
     parser.add_argument("--items", type=int, default=100_000, help="arrivals per ingest measurement")
     parser.add_argument(
         "--sizes", type=float, nargs="+", default=[1e4, 1e5, 1e6], help="stored codes for the query latency sweep"
@@ -399,7 +402,7 @@ def run(args: argparse.Namespace) -> int:
 
     from consumers.kafka import connect
     from consumers.metrics import Metrics
-    from fpocmh.commands.pipeline_args import load_config
+    from fpocmh.commands.pipeline_args import broker_kind, load_config
     from fpocmh_core import config
     from fpocmh_core.bench.report import format_table, write_json
     from fpocmh_core.data import load_dataset
@@ -408,6 +411,8 @@ def run(args: argparse.Namespace) -> int:
     if len(args.bits) != 1:
         raise ValueError("bench pipeline measures one code length at a time")
     cfg = load_config(args, f"bits={args.bits[0]}")
+    kind = broker_kind(args, cfg)
+    broker_name = "external" if cfg.bootstrap_servers else kind
     ds = load_dataset(args.data)
     p1cfg = config.load(P1Config, "p1")
     split = p1_split(ds, p1cfg)
@@ -432,13 +437,19 @@ def run(args: argparse.Namespace) -> int:
     bound = encoder_in_process(cfg, state, messages, repeats)
     print(f"encoder in-process: {shown(bound['encoder_items_per_s'])}", flush=True)
     print(f"MLP alone, image items: {shown(bound['mlp_image_items_per_s'])}", flush=True)
-    with connect(cfg, work) as cfg:
+    with connect(cfg, work, kind) as cfg:
         broker = broker_raw(cfg, messages, metrics, repeats)
         print(f"broker raw produce -> consume: {shown(broker)}", flush=True)
         ones = ingest(cfg, state, messages, 1, work, metrics, repeats)
         print(f"ingest, 1 encoder: {shown(ones)}", flush=True)
         twos = ingest(cfg, state, messages, 2, work, metrics, repeats)
         print(f"ingest, 2 encoders: {shown(twos)}", flush=True)
+        exactly_once = None
+        # The encoder's transactional mode, where the config knows it and the broker honours transactions.
+        if hasattr(cfg, "delivery") and broker_name != "tansu":
+            eos_cfg = dataclasses.replace(cfg, delivery="exactly_once")
+            exactly_once = ingest(eos_cfg, state, messages, 1, work, metrics, repeats)
+            print(f"ingest, 1 encoder, exactly once: {shown(exactly_once)}", flush=True)
         sizes = [int(s) for s in sorted(args.sizes)]
         query = query_sweep(cfg, state, ds, split.query, sizes, args.probes, work, metrics, repeats)
 
@@ -446,6 +457,7 @@ def run(args: argparse.Namespace) -> int:
     encoder_best, broker_best = max(bound["encoder_items_per_s"]), max(broker)
     lower = min(encoder_best, broker_best)
     summary = {
+        "broker": broker_name,
         "bits": cfg.bits,
         "items": len(messages),
         "bytes_per_item": bytes_per_item,
@@ -457,12 +469,14 @@ def run(args: argparse.Namespace) -> int:
         "ingest_share_of_lower_bound": one / lower,
         "two_encoder_items_per_s": two,
         "two_encoder_ratio": two / one,
+        "ingest_items_per_s_exactly_once": None if exactly_once is None else best(exactly_once),
         "rounds": {
             "ingest_items_per_s": ones,
             "two_encoder_items_per_s": twos,
             "encoder_items_per_s": bound["encoder_items_per_s"],
             "mlp_image_items_per_s": bound["mlp_image_items_per_s"],
             "broker_items_per_s": broker,
+            "ingest_items_per_s_exactly_once": exactly_once,
         },
         "query": query,
     }
@@ -472,8 +486,13 @@ def run(args: argparse.Namespace) -> int:
             [
                 {"measure": "ingest via broker, 1 encoder", "items/s": one, "share of lower bound": one / lower},
                 {"measure": "ingest via broker, 2 encoders", "items/s": two, "share of lower bound": two / lower},
+                *(
+                    [{"measure": "ingest via broker, 1 encoder, exactly once", "items/s": best(exactly_once)}]
+                    if exactly_once
+                    else []
+                ),
                 {"measure": "bound: encoder in-process", "items/s": encoder_best},
-                {"measure": "bound: broker produce->consume", "items/s": broker_best},
+                {"measure": f"bound: broker ({broker_name}) produce->consume", "items/s": broker_best},
             ],
             ["measure", "items/s", "share of lower bound"],
         )

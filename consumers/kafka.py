@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 from consumers import health
-from consumers.broker import EmbeddedBroker
+from consumers.broker import BROKER_KINDS, local_broker
 from consumers.settings import PipelineConfig
 
 log = logging.getLogger(__name__)
@@ -158,8 +159,41 @@ def ensure_topics(cfg: PipelineConfig, timeout: float = 30.0) -> list[str]:
             if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":  # another role raced us to it
                 raise
     if created:
+        wait_for_topics(admin, {t.topic: t.num_partitions for t in new}, timeout)
         log.info("created topics %s", ", ".join(created))
     return created
+
+
+def _served(topic: Any, partitions: int) -> bool:
+    """The topic's metadata lists all its partitions, each with a leader."""
+    if topic is None or topic.error is not None or len(topic.partitions) < partitions:
+        return False
+    return all(p.error is None and p.leader >= 0 for p in topic.partitions.values())
+
+
+def _leaders_answer(admin: AdminClient, partitions: dict[str, int], timeout: float) -> bool:
+    """Every partition's leader answers an offsets request (metadata names a leader a moment before it leads)."""
+    specs = {TopicPartition(name, p): OffsetSpec.latest() for name, count in partitions.items() for p in range(count)}
+    try:
+        for future in admin.list_offsets(specs, request_timeout=timeout).values():
+            future.result(timeout)
+    except KafkaException:
+        return False
+    return True
+
+
+def wait_for_topics(admin: AdminClient, partitions: dict[str, int], timeout: float) -> None:
+    """Until the broker's metadata shows every topic with its partitions and their leaders: on Apache
+    Kafka, CreateTopics returns when the controller has the topics, a moment before the broker serves them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        meta = admin.list_topics(timeout=timeout).topics
+        pending = [name for name, count in partitions.items() if not _served(meta.get(name), count)]
+        if not pending and _leaders_answer(admin, partitions, timeout):
+            return
+        if time.monotonic() > deadline:
+            raise KafkaException(f"topics {pending} not in the broker's metadata {timeout:.0f} s after creation")
+        time.sleep(0.05)
 
 
 def partitions_of(client: Consumer | AdminClient, topic: str, timeout: float = 10.0) -> list[int]:
@@ -176,12 +210,12 @@ def assign_all(consumer: Consumer, topic: str, offset: int) -> list[TopicPartiti
 
 
 @contextlib.contextmanager
-def connect(cfg: PipelineConfig, log_dir: Path | None = None) -> Iterator[PipelineConfig]:
-    """``cfg`` as it is when Kafka is configured; otherwise with an embedded broker for the block."""
+def connect(cfg: PipelineConfig, log_dir: Path | None = None, kind: str = BROKER_KINDS[0]) -> Iterator[PipelineConfig]:
+    """``cfg`` as it is when Kafka is configured; otherwise with a local broker of ``kind`` for the block."""
     if cfg.bootstrap_servers:
         yield cfg
         return
-    log_path = None if log_dir is None else log_dir / "tansu.log"
-    with EmbeddedBroker(log_path=log_path) as bootstrap:
-        log.info("no Kafka configured: started the embedded broker on %s", bootstrap)
+    log_path = None if log_dir is None else log_dir / f"{kind}.log"
+    with local_broker(kind, log_path=log_path) as bootstrap:
+        log.info("no Kafka configured: started a local %s broker on %s", kind, bootstrap)
         yield cfg.with_bootstrap(bootstrap)

@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from consumers.broker import BrokerError
 from fpocmh.commands.registry import Formatter, add_commands
 
 # name -> module; the order is the order of ``fpocmh --help``.
@@ -50,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError) as exc:
-        # Config, dataset and state errors already name the file and what was expected.
+    except (ValueError, FileNotFoundError, BrokerError) as exc:
+        # Config, dataset, state and broker errors already name the file and what was expected.
         print(f"fpocmh {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:

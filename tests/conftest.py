@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import collections
+import os
+
 import pytest
 
 from fpocmh_core import config
@@ -30,42 +33,82 @@ def p1(mirflickr, p1_config) -> P1Split:
     return p1_split(mirflickr, p1_config)
 
 
-@pytest.fixture(scope="session")
-def kafka_bootstrap():
-    """A real Kafka-protocol broker: ``$FPOCMH_TEST_BROKER`` if set, else tansu started for the session."""
-    import os
+# Every broker test runs on Apache Kafka and on tansu, one session-wide broker of each kind;
+# $FPOCMH_TEST_BROKER runs them once, on that broker, instead.
+EXTERNAL_BROKER = os.environ.get("FPOCMH_TEST_BROKER", "")
+BROKERS = ["external"] if EXTERNAL_BROKER else ["kafka", "tansu"]
+# What tansu lacks (../shared/spec/broker.md), for @pytest.mark.requires_kafka("<gap>").
+TANSU_GAPS = {
+    "compaction": "tansu never compacts (its in-memory store has no compaction)",
+    "watermarks": "tansu reports wrong high watermarks (ListOffsets latest)",
+    "transactions": "tansu does not honour aborted transactions",
+}
 
-    external = os.environ.get("FPOCMH_TEST_BROKER")
-    if external:
-        yield external
+
+@pytest.fixture(scope="session", params=BROKERS)
+def kafka_bootstrap(request):
+    """A real Kafka-protocol broker: ``$FPOCMH_TEST_BROKER`` if set, else Apache Kafka, then tansu, each
+    started once for the session."""
+    if request.param == "external":
+        yield EXTERNAL_BROKER
         return
-    from consumers.broker import EmbeddedBroker
+    from consumers.broker import local_broker
 
-    with EmbeddedBroker() as bootstrap:
+    # Apache Kafka's log cleaner looks for work every 100 ms (15 s by default): compaction shows within a test.
+    props = {"properties": {"log.cleaner.backoff.ms": 100}} if request.param == "kafka" else {}
+    with local_broker(request.param, **props) as bootstrap:
         yield bootstrap
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "requires_kafka(gap): needs what tansu lacks (a key of conftest.TANSU_GAPS); skipped on tansu"
+    )
+    config.addinivalue_line("markers", "apache_kafka: starts Apache Kafka brokers of its own (counted as Kafka tests)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        marker = item.get_closest_marker("requires_kafka")
+        if marker is None:
+            continue
+        (gap,) = marker.args
+        if gap not in TANSU_GAPS:
+            raise pytest.UsageError(f"{item.nodeid}: requires_kafka({gap!r}): not one of {sorted(TANSU_GAPS)}")
+        if broker_of(item) == "tansu":
+            item.add_marker(pytest.mark.skip(reason=f"Apache Kafka only: {TANSU_GAPS[gap]}"))
+
+
+def broker_of(item) -> str | None:
+    callspec = getattr(item, "callspec", None)
+    return None if callspec is None else callspec.params.get("kafka_bootstrap")
+
+
+_outcomes: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    broker = broker_of(item) or ("kafka" if item.get_closest_marker("apache_kafka") else None)
+    if broker and (report.when == "call" or report.outcome != "passed"):
+        _outcomes[broker][report.outcome] += 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    for broker, counts in sorted(_outcomes.items()):
+        name = {"kafka": "Apache Kafka", "tansu": "tansu", "external": EXTERNAL_BROKER}[broker]
+        ran = counts["passed"] + counts["failed"]
+        terminalreporter.write_line(
+            f"broker tests on {name}: {ran} run ({counts['passed']} passed, {counts['failed']} failed), "
+            f"{counts['skipped']} skipped"
+        )
 
 
 @pytest.fixture
 def pipeline_cfg(kafka_bootstrap, tmp_path):
     """The pipeline config on the test broker, with this test's own topics, groups and checkpoint folder."""
-    import uuid
+    from pipeline_support import isolated_config
 
-    from consumers import settings
-    from consumers.kafka import TOPIC_NAMES, ensure_topics
-
-    tag = uuid.uuid4().hex[:10]
-    sets = [f"topics.{name}=test-{tag}.{name}" for name in TOPIC_NAMES]
-    sets += [f"{role}.group=test-{tag}-{role}" for role in ("encoder", "learner", "query")]
-    sets += [
-        f"learner.checkpoint_dir={tmp_path / 'learner'}",
-        # Short fetch waits and polls: tests wait on round trips, not on throughput.
-        "encoder.fetch_wait_max_ms=10",
-        "learner.fetch_wait_max_ms=10",
-        "encoder.poll_timeout_s=0.05",
-        "learner.poll_timeout_s=0.05",
-    ]
-    # No /metrics servers: tests read their Metrics objects directly, and ports would clash across tests.
-    sets += [f"{section}.metrics_port=0" for section in ("encoder", "learner", "query", "replay")]
-    cfg = settings.load(None, sets, kafka_bootstrap, environ={})
-    ensure_topics(cfg)
-    return cfg
+    return isolated_config(kafka_bootstrap, tmp_path)

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Message
 from prometheus_client import CollectorRegistry
 
-from consumers.kafka import assign_all, make_consumer
+from consumers import settings
+from consumers.kafka import TOPIC_NAMES, assign_all, ensure_topics, make_consumer
 from consumers.metrics import Metrics
 from consumers.models import publish_model
 from consumers.runtime import Runtime
@@ -21,6 +24,27 @@ from fpocmh_core.model_check import Probe
 from fpocmh_core.nets import HashModel
 from fpocmh_core.records import ItemRecord
 from fpocmh_core.state import ModelState
+
+
+def isolated_config(bootstrap: str, tmp_path: Path, sets: Sequence[str] = ()) -> PipelineConfig:
+    """The pipeline config on ``bootstrap`` with a test's own topics (created), groups and checkpoint
+    folder, then ``sets`` (``key=value`` overrides)."""
+    tag = uuid.uuid4().hex[:10]
+    base = [f"topics.{name}=test-{tag}.{name}" for name in TOPIC_NAMES]
+    base += [f"{role}.group=test-{tag}-{role}" for role in ("encoder", "learner", "query")]
+    base += [
+        f"learner.checkpoint_dir={tmp_path / 'learner'}",
+        # Short fetch waits and polls: tests wait on round trips, not on throughput.
+        "encoder.fetch_wait_max_ms=10",
+        "learner.fetch_wait_max_ms=10",
+        "encoder.poll_timeout_s=0.05",
+        "learner.poll_timeout_s=0.05",
+    ]
+    # No /metrics servers: tests read their Metrics objects directly, and ports would clash across tests.
+    base += [f"{section}.metrics_port=0" for section in ("encoder", "learner", "query", "replay")]
+    cfg = settings.load(None, [*base, *sets], bootstrap, environ={})
+    ensure_topics(cfg)
+    return cfg
 
 
 def fresh_metrics() -> Metrics:
@@ -77,6 +101,21 @@ def read_topic(cfg: PipelineConfig, topic: str, count: int, timeout_s: float = 6
     finally:
         consumer.close()
     assert len(out) >= count, f"{topic}: {len(out)} of {count} messages after {timeout_s} s"
+    return out
+
+
+def read_all(cfg: PipelineConfig, topic: str) -> list[Message]:
+    """Everything on ``topic`` now: read until three polls in a row bring nothing."""
+    consumer = make_consumer(cfg, "test", None, 10)
+    assign_all(consumer, topic, OFFSET_BEGINNING)
+    out: list[Message] = []
+    idle = 0
+    try:
+        while idle < 3:
+            got = [m for m in consumer.consume(5000, 0.2) if m.error() is None]
+            out, idle = out + got, 0 if got else idle + 1
+    finally:
+        consumer.close()
     return out
 
 

@@ -1,4 +1,4 @@
-"""Kafka plumbing: the embedded broker, client properties passed through, topic creation."""
+"""Kafka plumbing: the local brokers, client properties passed through, topic creation."""
 
 from __future__ import annotations
 
@@ -7,16 +7,19 @@ import socket
 import pytest
 from confluent_kafka import KafkaException, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource
+from pipeline_support import read_topic
 
-from consumers import kafka, settings
-from consumers.broker import EmbeddedBroker
+from consumers import apache_kafka, kafka, settings
+from consumers.broker import BROKER_KINDS, BrokerError, local_broker
 from fpocmh_core.config import ConfigError
 
 pytestmark = pytest.mark.broker
 
 
-def test_the_embedded_broker_starts_on_a_free_port_answers_metadata_and_stops_on_exit(tmp_path):
-    broker = EmbeddedBroker(log_path=tmp_path / "tansu.log")
+@pytest.mark.apache_kafka
+@pytest.mark.parametrize("kind", BROKER_KINDS)
+def test_a_local_broker_starts_on_a_free_port_answers_metadata_and_stops_on_exit(kind, tmp_path):
+    broker = local_broker(kind, log_path=tmp_path / f"{kind}.log")
     with broker as bootstrap:
         host, _, port = bootstrap.rpartition(":")
         assert host == "127.0.0.1"
@@ -25,6 +28,38 @@ def test_the_embedded_broker_starts_on_a_free_port_answers_metadata_and_stops_on
     assert proc.poll() is not None, "the broker process is gone after the block"
     with pytest.raises(OSError):
         socket.create_connection((host, int(port)), timeout=1).close()
+    assert (tmp_path / f"{kind}.log").stat().st_size > 0, "the broker logged to its file"
+
+
+@pytest.mark.apache_kafka
+def test_apache_kafka_killed_and_restarted_on_its_log_directory_keeps_acknowledged_messages(tmp_path):
+    broker = apache_kafka.ApacheKafkaBroker(log_path=tmp_path / "kafka.log", log_dir=tmp_path / "kraft")
+    with broker as bootstrap:
+        cfg = settings.load(None, ["topics.arrivals=restart.arrivals"], bootstrap, environ={})
+        kafka.ensure_topics(cfg)
+        producer = Producer({"bootstrap.servers": bootstrap, "acks": "all"})
+        for i in range(100):
+            producer.produce(cfg.topics.arrivals, str(i).encode(), key=str(i).encode())
+        assert producer.flush(30) == 0
+        broker.kill()
+        assert broker.exit_code() is None and broker.proc is None
+        assert broker.restart() == bootstrap, "same ports after the restart"
+        values = [m.value() for m in read_topic(cfg, cfg.topics.arrivals, 100)]
+    assert sorted(int(v) for v in values) == list(range(100))
+    assert (tmp_path / "kraft" / "data" / "meta.properties").is_file(), "a log directory we gave is kept"
+
+
+def test_apache_kafka_without_its_jars_names_the_install_command(tmp_path):
+    with pytest.raises(BrokerError, match="make install") as raised:
+        apache_kafka.ApacheKafkaBroker(home=tmp_path / "nowhere")
+    assert "\n" not in str(raised.value)
+
+
+def test_the_compose_image_runs_the_kafka_version_the_local_broker_fetches():
+    import yaml
+
+    compose = yaml.safe_load((apache_kafka.ROOT / "docker-compose.yml").read_text())
+    assert compose["services"]["kafka"]["image"] == f"apache/kafka:{apache_kafka.kafka_version()}"
 
 
 def test_kafka_properties_pass_through_to_every_client_from_file_env_and_flags(tmp_path):

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING
-from pipeline_support import codes_of, model_state, produce_arrivals, publish, read_topic, wait_until
+from pipeline_support import codes_of, model_state, produce_arrivals, publish, read_all, read_topic, wait_until
 
 from consumers import settings
 from consumers.kafka import assign_all, make_consumer
@@ -25,18 +25,6 @@ def start_encoder(config_path, log_path) -> subprocess.Popen:
         return subprocess.Popen(
             [sys.executable, "-m", "fpocmh", "encode", "--config", str(config_path)], stdout=log, stderr=log
         )
-
-
-def read_all(cfg, topic) -> list:
-    """Everything on ``topic`` now: read until three polls in a row bring nothing."""
-    consumer = make_consumer(cfg, "test", None, 10)
-    assign_all(consumer, topic, OFFSET_BEGINNING)
-    out, idle = [], 0
-    while idle < 3:
-        got = [m for m in consumer.consume(5000, 0.2) if m.error() is None]
-        out, idle = out + got, 0 if got else idle + 1
-    consumer.close()
-    return out
 
 
 def test_an_encoder_stopped_with_sigterm_and_restarted_loses_no_item_and_writes_no_conflicting_code(

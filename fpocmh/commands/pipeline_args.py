@@ -6,6 +6,8 @@ import argparse
 import threading
 from typing import TYPE_CHECKING
 
+from consumers.broker import BROKER_KINDS
+
 if TYPE_CHECKING:
     from consumers.metrics import Metrics
     from consumers.settings import PipelineConfig
@@ -27,6 +29,28 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="Kafka bootstrap servers (default: kafka.bootstrap.servers, env FPOCMH_KAFKA_BOOTSTRAP_SERVERS)",
     )
+
+
+BROKER_HELP = (
+    "local broker started when no Kafka is configured: tansu (in memory, needs nothing but the wheel) "
+    "or kafka (Apache Kafka, KRaft, from the jars `make install` fetched)"
+)
+
+
+def add_broker_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--broker", choices=BROKER_KINDS, help=f"{BROKER_HELP}; default {BROKER_KINDS[0]}")
+
+
+def broker_kind(args: argparse.Namespace, cfg: PipelineConfig) -> str:
+    """``--broker``, or the default; refused next to a configured Kafka, where nothing is started."""
+    if args.broker is None:
+        return BROKER_KINDS[0]
+    if cfg.bootstrap_servers:
+        raise ValueError(
+            f"--broker {args.broker} starts a local broker, but Kafka is configured ({cfg.bootstrap_servers}): "
+            "drop --broker or the bootstrap servers"
+        )
+    return args.broker
 
 
 def load_config(args: argparse.Namespace, *extra_sets: str) -> PipelineConfig:

@@ -1,10 +1,10 @@
 """``fpocmh run``: the whole pipeline on a protocol (P1, P2 or P3), from an empty broker to a summary.
 
-Brings up the embedded broker unless Kafka is configured, creates the topics, trains (or reuses)
-version 0 on the protocol's offline part, starts the learner, one encoder and one query consumer as
-child processes, replays the protocol (offline part first, then the chunks), scores the query set
-against the live store after each chunk (for P2 and P3 also over the queries with and without a new
-label), and ends with items/s, model versions, mAP with the stored codes and query latency.
+Brings up a local broker (``--broker tansu|kafka``) unless Kafka is configured, creates the topics,
+trains (or reuses) version 0 on the protocol's offline part, starts the learner, one encoder and one
+query consumer as child processes, replays the protocol (offline part first, then the chunks), scores
+the query set against the live store after each chunk (for P2 and P3 also over the queries with and
+without a new label), and ends with items/s, model versions, mAP with the stored codes and query latency.
 """
 
 from __future__ import annotations
@@ -20,16 +20,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fpocmh.commands.pipeline_args import add_pipeline_arguments, load_config
+from fpocmh.commands.pipeline_args import add_broker_argument, add_pipeline_arguments, broker_kind, load_config
 from fpocmh.commands.replay import add_protocol_arguments, replay_sets
 
-HELP = "run the whole pipeline on P1, P2 or P3 (embedded broker unless Kafka is configured) and print a summary"
+HELP = "run the whole pipeline on P1, P2 or P3 (a local broker unless Kafka is configured) and print a summary"
 
 log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_pipeline_arguments(parser)
+    add_broker_argument(parser)
     parser.add_argument("--data", help="dataset file or folder (default: $FPOCMH_DATA, ./data, ../shared/data)")
     add_protocol_arguments(parser)
     parser.add_argument("--rate", type=float, help="arrivals per second (default: replay.rate)")
@@ -201,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
 
     wall = time.monotonic()
     cfg = load_config(args, *replay_sets(args))
+    kind = broker_kind(args, cfg)
     ds = load_dataset(args.data)
     stream = load_protocol(args, ds)
     split = stream.split
@@ -211,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = Metrics()
     metrics.serve(cfg.replay.metrics_port)
 
-    with connect(cfg, work) as cfg:
+    with connect(cfg, work, kind) as cfg:
         # The run's learner starts from version 0 and keeps only its newest checkpoint (~30 MB each).
         learner = dataclasses.replace(
             cfg.learner, checkpoint_dir=str(work / "learner"), init=str(v0), keep_checkpoints=1

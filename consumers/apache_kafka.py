@@ -1,0 +1,162 @@
+"""A local Apache Kafka: one KRaft node (broker and controller) from the jars ``make install`` fetched.
+
+The version is the one pinned in ``deploy/kafka/pom.xml`` (docker-compose.yml's image carries the same);
+``scripts/fetch_kafka.sh`` copies its jars to ``.kafka/<version>/libs`` and writes the list of them last,
+so a half-finished download counts as missing. The launcher formats a log directory (a fresh temporary
+one unless given), starts ``kafka.Kafka`` with a bounded heap on free loopback ports, waits until the
+metadata answers, stops with SIGTERM (a controlled shutdown), and can be killed and restarted on the
+same log directory and ports for fault tests.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import shutil
+import signal
+import tempfile
+import uuid
+from collections.abc import Mapping
+from functools import cache
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from consumers.broker import BrokerError, BrokerProcess, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+POM = ROOT / "deploy" / "kafka" / "pom.xml"
+LOG4J_CONFIG = ROOT / "deploy" / "kafka" / "log4j2.properties"
+INSTALL_HINT = "run `make install` (scripts/fetch_kafka.sh fetches the broker with Maven)"
+HEAP = "-Xmx512m"
+
+# A single node: internal topics with one replica, groups that form at once, topics only on purpose
+# (as in docker-compose.yml). Small internal topics start faster; tests and benchmarks add their own.
+BASE_PROPERTIES: dict[str, str] = {
+    "process.roles": "broker,controller",
+    "node.id": "1",
+    "controller.listener.names": "CONTROLLER",
+    "inter.broker.listener.name": "PLAINTEXT",
+    "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+    "offsets.topic.replication.factor": "1",
+    "offsets.topic.num.partitions": "4",
+    "transaction.state.log.replication.factor": "1",
+    "transaction.state.log.min.isr": "1",
+    "transaction.state.log.num.partitions": "4",
+    "share.coordinator.state.topic.replication.factor": "1",
+    "share.coordinator.state.topic.min.isr": "1",
+    "group.initial.rebalance.delay.ms": "0",
+    "auto.create.topics.enable": "false",
+    "num.partitions": "1",
+    # A restarted node waits until the controller expires its previous session (9 s by default).
+    "broker.heartbeat.interval.ms": "500",
+    "broker.session.timeout.ms": "2000",
+}
+
+
+@cache
+def kafka_version() -> str:
+    """The Apache Kafka version pinned in deploy/kafka/pom.xml."""
+    match = re.search(r"<kafka\.version>([^<]+)</kafka\.version>", POM.read_text())
+    if match is None:
+        raise BrokerError(f"{POM}: no <kafka.version>")
+    return match.group(1)
+
+
+def kafka_libs(home: Path | None = None) -> Path:
+    """The folder of the broker's jars; :class:`BrokerError` naming the install command if Java or a jar is missing."""
+    libs = (home or ROOT / ".kafka" / kafka_version()) / "libs"
+    if shutil.which("java") is None:
+        raise BrokerError(f"Apache Kafka needs Java, which is not installed: {INSTALL_HINT}")
+    marker = libs.parent / "COMPLETE"
+    jars = marker.read_text().split() if marker.is_file() else []
+    if not jars or not all((libs / jar).is_file() for jar in jars):
+        raise BrokerError(f"Apache Kafka {kafka_version()} is not fetched into {libs}: {INSTALL_HINT}")
+    return libs
+
+
+def write_properties(path: Path, props: Mapping[str, str]) -> Path:
+    path.write_text("".join(f"{key}={value}\n" for key, value in props.items()))
+    return path
+
+
+class ApacheKafkaBroker(BrokerProcess):
+    """``with ApacheKafkaBroker() as bootstrap: ...``; ``kill()`` then ``restart()`` for fault tests.
+
+    ``properties`` are extra server properties (e.g. ``{"log.cleaner.backoff.ms": "100"}``), applied last.
+    """
+
+    kind = "kafka"
+    stop_signal = signal.SIGTERM
+    # A JVM on a busy two-core machine: start-up takes seconds, not milliseconds.
+    start_timeout_s = 120.0
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        log_path: Path | None = None,
+        log_dir: Path | None = None,
+        properties: Mapping[str, Any] | None = None,
+        home: Path | None = None,
+    ) -> None:
+        super().__init__(host, port, log_path)
+        self.libs = kafka_libs(home)
+        self.properties = {key: str(value) for key, value in (properties or {}).items()}
+        self._own_dir = log_dir is None
+        self.log_dir = Path(tempfile.mkdtemp(prefix="fpocmh-kafka-")) if log_dir is None else Path(log_dir)
+        self.controller_port: int | None = None
+
+    def java(self, main: str, *args: str, heap: str = HEAP) -> list[str]:
+        return [
+            "java",
+            heap,
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
+            "-cp",
+            f"{self.libs}/*",
+            main,
+            *args,
+        ]
+
+    def server_properties(self) -> dict[str, str]:
+        listener, controller = f"{self.host}:{self.port}", f"{self.host}:{self.controller_port}"
+        return {
+            **BASE_PROPERTIES,
+            "listeners": f"PLAINTEXT://{listener},CONTROLLER://{controller}",
+            "advertised.listeners": f"PLAINTEXT://{listener}",
+            "controller.quorum.voters": f"1@{controller}",
+            "log.dirs": str(self.log_dir / "data"),
+            **self.properties,
+        }
+
+    def command(self) -> list[str]:
+        self.controller_port = self.controller_port or free_port(self.host)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        props = write_properties(self.log_dir / "server.properties", self.server_properties())
+        if not (self.log_dir / "data" / "meta.properties").is_file():
+            self._format(props)
+        return self.java("kafka.Kafka", str(props))
+
+    def _format(self, props: Path) -> None:
+        import subprocess
+
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        # The storage tool is a short-lived JVM: a small heap, and the client JIT only.
+        argv = self.java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props), heap="-Xmx256m")
+        argv.insert(1, "-XX:TieredStopAtLevel=1")
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise BrokerError(f"formatting {self.log_dir} failed: {(done.stdout + done.stderr).strip()[-500:]}")
+
+    def restart(self, timeout: float | None = None) -> str:
+        """Start again on the same log directory and ports (after :meth:`kill` or :meth:`stop`)."""
+        self.stop()
+        return self.start(timeout)
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
