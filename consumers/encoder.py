@@ -16,9 +16,14 @@ after a crash gets the same codes. More copies in the same group share the arriv
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import socket
+import tempfile
 import threading
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,13 +33,15 @@ from consumers.intents import IntentLog
 from consumers.kafka import make_consumer, transactions_supported
 from consumers.metrics import Metrics
 from consumers.models import ModelFollower, ModelVersion
-from consumers.runtime import Decoded, Runtime
+from consumers.runtime import Decoded, RoleStopped, Runtime
 from consumers.settings import PipelineConfig
 from fpocmh_core import schemas
 from fpocmh_core.nets import HashModel
 from fpocmh_core.records import ItemRecord, Modality
 
 log = logging.getLogger(__name__)
+# Copies of one encoder group on one host that get a transactional id of their own by default.
+MAX_SLOTS = 64
 
 
 def encode_records(model: HashModel, records: list[ItemRecord], version: int) -> list[schemas.CodeMessage]:
@@ -128,7 +135,12 @@ class Encoder:
 def run_encoder(cfg: PipelineConfig, metrics: Metrics, stop: threading.Event | None = None) -> None:
     """Wait for a model on the models topic, then code arrivals until ``stop`` is set."""
     torch.set_num_threads(cfg.encoder.threads)
-    txn_id = transactional_id(cfg) if exactly_once(cfg) else None
+    with contextlib.ExitStack() as held:
+        txn_id = held.enter_context(transactional_id(cfg)) if exactly_once(cfg) else None
+        _run(cfg, metrics, stop, txn_id)
+
+
+def _run(cfg: PipelineConfig, metrics: Metrics, stop: threading.Event | None, txn_id: str | None) -> None:
     rt = Runtime(cfg, "encoder", metrics, stop, transactional_id=txn_id)
     log.info("encoder: delivery %s", f"exactly once (transactional.id {txn_id})" if txn_id else "at least once")
     models = ModelFollower(rt)
@@ -138,15 +150,16 @@ def run_encoder(cfg: PipelineConfig, metrics: Metrics, stop: threading.Event | N
             return
         intents = None if txn_id else IntentLog(Runtime(cfg, "encoder", metrics, rt.stop), cfg.encoder.group)
         encoder = Encoder(rt, models, first, intents)
-        # Static membership under the same stable id: a restarted encoder takes its partitions back at once.
-        static = {"group.instance.id": txn_id} if txn_id else {}
-        consumer = make_consumer(cfg, "encoder", cfg.encoder.group, cfg.encoder.fetch_wait_max_ms, **static)
+        # No static membership (group.instance.id): after a broker restart librdkafka rejoins under a new member
+        # id, and the broker then fences the old one, which is fatal for the consumer.
+        consumer = make_consumer(cfg, "encoder", cfg.encoder.group, cfg.encoder.fetch_wait_max_ms)
         consumer.subscribe([cfg.topics.arrivals], on_assign=encoder.on_assign)
         log.info("encoder: model version %d; consuming %s", first.version, cfg.topics.arrivals)
         rt.run(consumer, encoder, cfg.encoder.batch_size, cfg.encoder.poll_timeout_s, fill_batches=True)
     finally:
         models.close()
-        rt.producer.flush(cfg.flush_timeout_s)
+        if not rt.transactional:
+            rt.producer.flush(cfg.flush_timeout_s)
 
 
 def exactly_once(cfg: PipelineConfig) -> bool:
@@ -156,7 +169,26 @@ def exactly_once(cfg: PipelineConfig) -> bool:
     return cfg.delivery == "exactly_once"
 
 
-def transactional_id(cfg: PipelineConfig) -> str:
-    """``encoder.transactional_id``, else one per host: stable across restarts, so a restarted encoder aborts
-    what its previous incarnation left open at once instead of blocking readers until the timeout."""
-    return cfg.encoder.transactional_id or f"{cfg.encoder.group}-{socket.gethostname()}"
+@contextlib.contextmanager
+def transactional_id(cfg: PipelineConfig) -> Iterator[str]:
+    """``encoder.transactional_id``, else ``<group>-<hostname>-<slot>`` with the lowest slot no running encoder
+    of the group holds on this host (a file lock, released when the encoder stops or dies). So the id is
+    unique among the copies running on a host and stable across restarts: a restarted encoder aborts what its
+    previous incarnation left open at once instead of blocking readers until the transaction times out."""
+    if cfg.encoder.transactional_id:
+        yield cfg.encoder.transactional_id
+        return
+    folder = Path(tempfile.gettempdir())
+    for slot in range(MAX_SLOTS):
+        handle = (folder / f"fpocmh-{cfg.encoder.group}-encoder-{slot}.lock").open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        try:
+            yield f"{cfg.encoder.group}-{socket.gethostname()}-{slot}"
+        finally:
+            handle.close()
+        return
+    raise RoleStopped(f"encoder: {MAX_SLOTS} encoders of {cfg.encoder.group} already run on this host")

@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 LAG_EVERY_S = 5.0
 PROBE_EVERY_S = 2.0
+# librdkafka's transaction.timeout.ms default; a transactional producer's messages time out with it.
+TRANSACTION_MESSAGE_TIMEOUT_MS = 60_000
 # A dead letter that would not fit under the message limit keeps this much of the original value.
 DEAD_LETTER_PREFIX_BYTES = 4096
 # Room for a dead letter's headers and the record framing.
@@ -73,6 +75,10 @@ _COMMIT_RETRY = {
 
 class DeliveryError(RuntimeError):
     """The broker refused produced messages: the batch is not committed."""
+
+
+class TransactionInterrupted(RuntimeError):
+    """A transaction that can't be trusted to finish (the broker went away meanwhile): it is redone."""
 
 
 class RoleStopped(RuntimeError):
@@ -174,6 +180,10 @@ class Runtime:
         props = dict(producer_props or {})
         if transactional_id:
             props["transactional.id"] = transactional_id
+            # A transaction must end within transaction.timeout.ms, so its messages can't wait for ever;
+            # a batch whose delivery times out is aborted and read again instead.
+            props.setdefault("message.timeout.ms", TRANSACTION_MESSAGE_TIMEOUT_MS)
+        self._props = props
         self.producer: Producer = make_producer(cfg, role, on_delivery=self._on_delivery, **props)
         self.transactional = bool(transactional_id)
         if self.transactional:
@@ -385,31 +395,70 @@ class Runtime:
             consumed(msgs)
 
     def _transaction(self, consumer: Consumer, handler: Handler, msgs: list[Message]) -> None:
-        """The batch's outputs and its input offsets in one transaction; on failure, abort and read it again."""
+        """The batch's outputs and its input offsets in one transaction; on failure, a fresh producer under the
+        same transactional id (which aborts the open transaction) and the batch read again."""
+        outages = self.health.outages
         self._txn(self.producer.begin_transaction)
         try:
             batch = self.decode_all(msgs, handler.decode)
             if batch:
                 self._process(handler, batch)
             faults.point(f"{self.role}.before_commit")
-            self.producer.send_offsets_to_transaction(
-                next_offsets(msgs), consumer.consumer_group_metadata(), self.cfg.flush_timeout_s
-            )
-            self.producer.commit_transaction(self.cfg.flush_timeout_s)
+            if self.health.outages != outages or not self.health.is_up:
+                # librdkafka can block for ever in send_offsets_to_transaction once its group coordinator
+                # went away (confluentinc/librdkafka#5456, #5511): a batch that saw the broker go is redone.
+                raise TransactionInterrupted("the broker went away during the batch")
+            timeout = self.cfg.flush_timeout_s
+            metadata = consumer.consumer_group_metadata()
+            self._bounded(self.producer.send_offsets_to_transaction, next_offsets(msgs), metadata, timeout)
+            self._bounded(self.producer.commit_transaction, timeout)
             self.health.back()
-        except KafkaException as exc:
-            err = exc.args[0]
-            if err.fatal():
-                raise RoleStopped(f"{self.role}: transactional producer failed for good ({err.str()})") from None
-            log.warning("%s: transaction failed (%s); aborting, the batch is read again", self.role, err.str())
-            self._failures.clear()
-            self._produced.clear()
-            self._txn(self.producer.abort_transaction, self.cfg.flush_timeout_s)
+        except (KafkaException, TransactionInterrupted) as exc:
+            if isinstance(exc, KafkaException) and exc.args[0].fatal():
+                raise RoleStopped(
+                    f"{self.role}: transactional producer failed for good ({exc.args[0].str()})"
+                ) from None
+            log.warning("%s: transaction not committed (%s); the batch is read again", self.role, exc)
+            self._renew_producer()
             self._rewind(consumer, msgs)
             return
         produced, self._produced = self._produced, collections.Counter()
         for topic, n in produced.items():
             self.metrics.messages_produced.labels(self.role, topic).inc(n)
+
+    def _bounded(self, call: Callable[..., Any], *args: Any) -> None:
+        """A transactional call that must return within its timeout plus a margin (see ``_transaction``)."""
+        box: list[BaseException | None] = []
+
+        def attempt() -> None:
+            try:
+                call(*args)
+                box.append(None)
+            except BaseException as exc:  # handed to the calling thread
+                box.append(exc)
+
+        worker = threading.Thread(target=attempt, name=f"fpocmh-{self.role}-txn", daemon=True)
+        worker.start()
+        worker.join(self.cfg.flush_timeout_s + 10)
+        if not box:
+            raise TransactionInterrupted(f"{getattr(call, '__name__', call)} did not return; abandoning this producer")
+        if box[0] is not None:
+            raise box[0]
+
+    def _renew_producer(self) -> None:
+        """Drop the producer (its messages purged) and start one under the same transactional id: initialising
+        it aborts whatever the old one left open and fences the old one off."""
+        old, self.producer = (
+            self.producer,
+            make_producer(self.cfg, self.role, on_delivery=self._on_delivery, **self._props),
+        )
+        try:
+            old.purge()
+        except (KafkaException, RuntimeError) as exc:
+            log.info("%s: purging the old producer: %s", self.role, exc)
+        self._failures.clear()
+        self._produced.clear()
+        self._txn(self.producer.init_transactions, self.cfg.flush_timeout_s)
 
     def _rewind(self, consumer: Consumer, msgs: list[Message]) -> None:
         for tp in first_offsets(msgs):
