@@ -1,9 +1,9 @@
 """``fpocmh run``: the whole pipeline on protocol P1, from an empty broker to a summary.
 
-Brings up a local broker (``--broker tansu|kafka``) unless Kafka is configured, creates the topics, trains (or reuses)
-version 0, starts the learner, one encoder and one query consumer as child processes, replays P1
-(offline part first, then the chunks), scores the query set against the live store after each chunk,
-and ends with items/s, model versions, mAP with the stored codes and query latency.
+Brings up a local broker (``--broker tansu|kafka``) unless Kafka is configured, creates the topics,
+trains (or reuses) version 0, starts the learner, one encoder and one query consumer as child processes,
+replays P1 (offline part first, then the chunks), scores the query set against the live store after
+each chunk, and ends with items/s, model versions, mAP with the stored codes and query latency.
 """
 
 from __future__ import annotations
