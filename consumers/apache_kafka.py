@@ -14,6 +14,7 @@ import base64
 import re
 import shutil
 import signal
+import subprocess
 import tempfile
 import uuid
 from collections.abc import Mapping
@@ -103,8 +104,9 @@ class ApacheKafkaBroker(BrokerProcess):
         super().__init__(host, port, log_path)
         self.libs = kafka_libs(home)
         self.properties = {key: str(value) for key, value in (properties or {}).items()}
+        # A temporary log directory is made at the first start (and removed on exit), not here.
         self._own_dir = log_dir is None
-        self.log_dir = Path(tempfile.mkdtemp(prefix="fpocmh-kafka-")) if log_dir is None else Path(log_dir)
+        self.log_dir = None if log_dir is None else Path(log_dir)
         self.controller_port: int | None = None
 
     def java(self, main: str, *args: str, heap: str = HEAP) -> list[str]:
@@ -119,35 +121,35 @@ class ApacheKafkaBroker(BrokerProcess):
             *args,
         ]
 
-    def server_properties(self) -> dict[str, str]:
+    def server_properties(self, log_dir: Path) -> dict[str, str]:
         listener, controller = f"{self.host}:{self.port}", f"{self.host}:{self.controller_port}"
         return {
             **BASE_PROPERTIES,
             "listeners": f"PLAINTEXT://{listener},CONTROLLER://{controller}",
             "advertised.listeners": f"PLAINTEXT://{listener}",
             "controller.quorum.voters": f"1@{controller}",
-            "log.dirs": str(self.log_dir / "data"),
+            "log.dirs": str(log_dir / "data"),
             **self.properties,
         }
 
     def command(self) -> list[str]:
         self.controller_port = self.controller_port or free_port(self.host)
+        if self.log_dir is None:
+            self.log_dir = Path(tempfile.mkdtemp(prefix="fpocmh-kafka-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        props = write_properties(self.log_dir / "server.properties", self.server_properties())
+        props = write_properties(self.log_dir / "server.properties", self.server_properties(self.log_dir))
         if not (self.log_dir / "data" / "meta.properties").is_file():
             self._format(props)
         return self.java("kafka.Kafka", str(props))
 
     def _format(self, props: Path) -> None:
-        import subprocess
-
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         # The storage tool is a short-lived JVM: a small heap, and the client JIT only.
         argv = self.java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props), heap="-Xmx256m")
         argv.insert(1, "-XX:TieredStopAtLevel=1")
         done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
-            raise BrokerError(f"formatting {self.log_dir} failed: {(done.stdout + done.stderr).strip()[-500:]}")
+            raise BrokerError(f"formatting {props.parent} failed: {(done.stdout + done.stderr).strip()[-500:]}")
 
     def restart(self, timeout: float | None = None) -> str:
         """Start again on the same log directory and ports (after :meth:`kill` or :meth:`stop`)."""
@@ -158,5 +160,6 @@ class ApacheKafkaBroker(BrokerProcess):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
-        if self._own_dir:
+        if self._own_dir and self.log_dir is not None:
             shutil.rmtree(self.log_dir, ignore_errors=True)
+            self.log_dir = None

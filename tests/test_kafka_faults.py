@@ -108,6 +108,7 @@ def test_compaction_keeps_one_record_per_code_and_model_part_and_a_rebuilt_store
     rt = Runtime(cfg, "test", fresh_metrics())
     last = history[-1]
     rt.produce(cfg.topics.codes, last.value(), key=last.key(), headers=last.headers())
+    rt.flush()
     publish(cfg, versions[-1])
     compacted = topic_when(cfg, cfg.topics.codes, lambda n: n <= len(keys) + 1, "codes compacted to one per key")
     models = topic_when(cfg, cfg.topics.models, lambda n: n <= 2, "models compacted to the newest part")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -109,3 +110,33 @@ def test_topics_are_created_once_with_their_partitions_and_the_codes_topic_compa
     resource = ConfigResource(ConfigResource.Type.TOPIC, pipeline_cfg.topics.codes)
     described = admin.describe_configs([resource])[resource].result(10)
     assert described["cleanup.policy"].value == "compact"
+
+
+def test_broker_kind_next_to_a_configured_kafka_is_refused_in_one_line(capsys):
+    from fpocmh import cli
+
+    assert cli.main(["run", "--broker", "kafka", "--bootstrap", "broker-1:9092"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "--broker kafka" in line and "broker-1:9092" in line
+
+
+def test_fpocmh_broker_exits_non_zero_in_one_line_when_its_broker_dies(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fpocmh", "broker", "--kind", "tansu"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert "broker ready" in proc.stdout.readline()
+        (child,) = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        os.kill(int(child), signal.SIGKILL)
+        assert proc.wait(30) == 1
+    finally:
+        proc.kill()
+    errors = [line for line in proc.stderr.read().splitlines() if "error" in line]
+    assert len(errors) == 1 and "tansu broker exited" in errors[0]

@@ -6,7 +6,7 @@ import argparse
 import threading
 from typing import TYPE_CHECKING
 
-from consumers.broker import BROKER_KINDS
+from consumers.broker import BROKER_KINDS, local_broker
 
 if TYPE_CHECKING:
     from consumers.metrics import Metrics
@@ -42,15 +42,18 @@ def add_broker_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def broker_kind(args: argparse.Namespace, cfg: PipelineConfig) -> str:
-    """``--broker``, or the default; refused next to a configured Kafka, where nothing is started."""
-    if args.broker is None:
-        return BROKER_KINDS[0]
-    if cfg.bootstrap_servers:
+    """``--broker``, or the default; refused next to a configured Kafka, where nothing is started, and
+    checked (Java, jars) before the command prepares anything."""
+    if args.broker is not None and cfg.bootstrap_servers:
         raise ValueError(
             f"--broker {args.broker} starts a local broker, but Kafka is configured ({cfg.bootstrap_servers}): "
             "drop --broker or the bootstrap servers"
         )
-    return args.broker
+    kind = args.broker or BROKER_KINDS[0]
+    if not cfg.bootstrap_servers:
+        # Built, not started: a missing Java or jar is reported now, not after minutes of preparation.
+        local_broker(kind)
+    return kind
 
 
 def load_config(args: argparse.Namespace, *extra_sets: str) -> PipelineConfig:
