@@ -58,6 +58,7 @@ def pipeline_cfg(kafka_bootstrap, tmp_path):
     sets += [f"{role}.group=test-{tag}-{role}" for role in ("encoder", "learner", "query")]
     sets += [
         f"learner.checkpoint_dir={tmp_path / 'learner'}",
+        f"query.snapshot_dir={tmp_path / 'query-snapshots'}",
         # Short fetch waits and polls: tests wait on round trips, not on throughput.
         "encoder.fetch_wait_max_ms=10",
         "learner.fetch_wait_max_ms=10",

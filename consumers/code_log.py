@@ -1,0 +1,160 @@
+"""A shard's reader of the codes topic: its own partitions, from given offsets, decoded in bulk.
+
+Unlike :class:`consumers.runtime.TopicReader` (every partition from the beginning, one Python object
+per message), this reader starts where a snapshot left off, decodes a whole fetch into numpy rows at
+once, tracks the next offset per partition (what the store reflects), and notices when the topic was
+reset under it (recreated: a partition now ends below our position), so the store can be rebuilt
+instead of serving codes the broker no longer has.
+
+Where the topic ends comes from fetch-response watermarks (``get_watermark_offsets(cached=True)``),
+right on Apache Kafka and tansu alike. ``auto.offset.reset=error`` turns an out-of-range position into
+an error event on Kafka; tansu sends no error and no records then, so a partition without any fetch
+response for ``stuck_s`` is checked with ListOffsets instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+
+import numpy as np
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message, TopicPartition
+
+from consumers.kafka import make_consumer
+from consumers.runtime import Runtime, poll_batch
+from fpocmh_core import schemas
+
+log = logging.getLogger(__name__)
+
+_RESET_ERRORS = {KafkaError._AUTO_OFFSET_RESET, KafkaError.OFFSET_OUT_OF_RANGE}
+
+
+class TopicReset(RuntimeError):
+    """The codes topic no longer holds what the store reflects."""
+
+
+class CodeLog:
+    def __init__(
+        self,
+        rt: Runtime,
+        topic: str,
+        partitions: list[int],
+        start: Mapping[int, int] | None = None,
+        stuck_s: float = 10.0,
+    ) -> None:
+        cfg = rt.cfg
+        self.rt = rt
+        self.topic = topic
+        self.bits = cfg.bits
+        self.partitions = sorted(partitions)
+        self.stuck_s = stuck_s
+        self.next = {p: int((start or {}).get(p, 0)) for p in self.partitions}
+        self.model_versions: set[int] = set()
+        self.consumer = make_consumer(
+            cfg,
+            rt.role,
+            None,
+            cfg.query.fetch_wait_max_ms,
+            **{"auto.offset.reset": "error", "isolation.level": cfg.query.isolation_level},
+        )
+        # Offset 0 as "the beginning": retention may have moved the start of a partition past 0.
+        self.consumer.assign([TopicPartition(topic, p, o if o > 0 else OFFSET_BEGINNING) for p, o in self.next.items()])
+        self._assigned_at = time.monotonic()
+        self._end: dict[int, int] = {}
+        self._reset: str | None = None
+
+    # ------------------------------------------------------------------------------------- reading
+
+    def poll(self, max_messages: int, timeout_s: float) -> np.ndarray:
+        """The next code rows (:func:`schemas.code_row_dtype`), in topic order; unreadable records go
+        to the dead-letter topic."""
+        msgs = poll_batch(self.consumer, max_messages, timeout_s)
+        good: list[Message] = []
+        for msg in msgs:
+            err = msg.error()
+            if err is None:
+                good.append(msg)
+            elif err.code() in _RESET_ERRORS:
+                self._reset = f"partition {msg.partition()}: {err.str()}"
+            elif err.fatal():
+                raise KafkaException(err)
+            elif err.code() != KafkaError._PARTITION_EOF:
+                log.warning("%s: codes reader: %s", self.rt.role, err.str())
+        if not good:
+            return np.zeros(0, schemas.code_row_dtype(self.bits))
+        for msg in good:
+            self.next[msg.partition()] = msg.offset() + 1
+        self.rt.metrics.messages_consumed.labels(self.rt.role, self.topic).inc(len(good))
+        plain = [m for m in good if m.headers() == schemas.CODE_HEADERS]
+        rows, rejected = schemas.decode_code_rows([m.value() for m in plain], self.bits)
+        others = [plain[i] for i in rejected] + [m for m in good if m.headers() != schemas.CODE_HEADERS]
+        if others:
+            # Rare: other header layouts or broken records. Decode them one by one; the broken ones are
+            # dead-lettered with their reason. Order within a batch only matters for a key written
+            # twice in it, and both writes carry the same code for one model version.
+            checked = [d.value for d in self.rt.decode_all(others, self._decode_one)]
+            rows = np.concatenate([rows, self._as_rows(checked)])
+        if rows.size:
+            self.model_versions.update(np.unique(rows["model_version"]).tolist())
+        return rows
+
+    def _decode_one(self, msg: Message) -> schemas.CodeMessage:
+        code = schemas.decode_code(msg.value(), msg.headers())
+        if code.bits != self.bits:
+            raise schemas.SchemaError("shape", f"code of {code.bits} bits in a {self.bits}-bit store")
+        return code
+
+    def _as_rows(self, codes: list[schemas.CodeMessage]) -> np.ndarray:
+        rows = np.zeros(len(codes), schemas.code_row_dtype(self.bits))
+        if codes:
+            rows["item_id"] = [c.item_id for c in codes]
+            rows["modality"] = [int(c.modality) for c in codes]
+            rows["model_version"] = [c.model_version for c in codes]
+            rows["code"] = np.stack([c.code for c in codes])
+            rows["bits"] = self.bits
+        return rows
+
+    # ------------------------------------------------------------------------------------- position
+
+    def high(self, partition: int) -> int:
+        """The high watermark of the last fetch response (-1 before the first)."""
+        _low, high = self.consumer.get_watermark_offsets(TopicPartition(self.topic, partition), cached=True)
+        return high if high >= 0 else -1
+
+    def caught_up(self) -> bool:
+        """Read to where every partition ended at its first fetch response."""
+        for p in self.partitions:
+            if p not in self._end:
+                high = self.high(p)
+                if high < 0:
+                    return False
+                self._end[p] = high
+        return all(self.next[p] >= self._end[p] for p in self.partitions)
+
+    def offsets(self) -> schemas.Offsets:
+        return tuple(sorted(self.next.items()))
+
+    def behind(self, bound: Mapping[int, int]) -> dict[int, int]:
+        """Owned partitions whose next offset is below ``bound``, with the bound's offset."""
+        return {p: o for p, o in bound.items() if p in self.next and self.next[p] < o}
+
+    def lag(self) -> int:
+        """Messages between our positions and the high watermarks last reported."""
+        return sum(max(0, self.high(p) - self.next[p]) for p in self.partitions if self.high(p) >= 0)
+
+    def check_reset(self) -> None:
+        """Raise :class:`TopicReset` when a partition ends below our position."""
+        if self._reset is not None:
+            raise TopicReset(self._reset)
+        for p in self.partitions:
+            high = self.high(p)
+            if 0 <= high < self.next[p]:
+                raise TopicReset(f"partition {p} ends at {high}, below the store's next offset {self.next[p]}")
+            if high < 0 and self.next[p] > 0 and time.monotonic() - self._assigned_at > self.stuck_s:
+                _low, listed = self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)
+                if 0 <= listed < self.next[p]:
+                    raise TopicReset(f"partition {p} lists its end at {listed}, below the store's {self.next[p]}")
+
+    def close(self) -> None:
+        self.consumer.close()
