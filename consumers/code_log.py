@@ -9,7 +9,7 @@ instead of serving codes the broker no longer has.
 Where the topic ends comes from fetch-response watermarks (``get_watermark_offsets(cached=True)``),
 right on Apache Kafka and tansu alike. ``auto.offset.reset=error`` turns an out-of-range position into
 an error event on Kafka; tansu sends no error and no records then, so a partition without any fetch
-response for ``stuck_s`` is checked with ListOffsets instead.
+response for ``STUCK_S`` is checked with ListOffsets instead.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from fpocmh_core import schemas
 log = logging.getLogger(__name__)
 
 _RESET_ERRORS = {KafkaError._AUTO_OFFSET_RESET, KafkaError.OFFSET_OUT_OF_RANGE}
+# A partition with no fetch response for this long is checked with ListOffsets (tansu's silent stall).
+STUCK_S = 10.0
 
 
 class TopicReset(RuntimeError):
@@ -41,14 +43,12 @@ class CodeLog:
         topic: str,
         partitions: list[int],
         start: Mapping[int, int] | None = None,
-        stuck_s: float = 10.0,
     ) -> None:
         cfg = rt.cfg
         self.rt = rt
         self.topic = topic
         self.bits = cfg.bits
         self.partitions = sorted(partitions)
-        self.stuck_s = stuck_s
         self.next = {p: int((start or {}).get(p, 0)) for p in self.partitions}
         self.model_versions: set[int] = set()
         self.consumer = make_consumer(
@@ -151,7 +151,7 @@ class CodeLog:
             high = self.high(p)
             if 0 <= high < self.next[p]:
                 raise TopicReset(f"partition {p} ends at {high}, below the store's next offset {self.next[p]}")
-            if high < 0 and self.next[p] > 0 and time.monotonic() - self._assigned_at > self.stuck_s:
+            if high < 0 and self.next[p] > 0 and time.monotonic() - self._assigned_at > STUCK_S:
                 _low, listed = self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)
                 if 0 <= listed < self.next[p]:
                     raise TopicReset(f"partition {p} lists its end at {listed}, below the store's {self.next[p]}")
