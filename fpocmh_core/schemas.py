@@ -355,9 +355,16 @@ def decode_code_rows(values: Sequence[bytes | None], bits: int) -> tuple[np.ndar
     store catching up on 10^7 codes cannot spend.
     """
     dtype = code_row_dtype(bits)
-    sizes = np.fromiter((-1 if v is None else len(v) for v in values), np.int64, len(values))
-    fits = np.flatnonzero(sizes == dtype.itemsize)
-    body = b"".join(values[i] for i in fits) if fits.size < len(values) else b"".join(values)  # type: ignore[arg-type]
+    try:
+        uniform = set(map(len, values)) <= {dtype.itemsize}  # type: ignore[arg-type]
+    except TypeError:  # a value is None
+        uniform = False
+    if uniform:
+        fits = np.arange(len(values))
+        body = b"".join(values)  # type: ignore[arg-type]
+    else:
+        fits = np.flatnonzero([v is not None and len(v) == dtype.itemsize for v in values])
+        body = b"".join(values[i] for i in fits)  # type: ignore[misc]
     rows = np.frombuffer(body, dtype)
     valid = (rows["modality"] <= 1) & (rows["source"] < len(CODE_SOURCES)) & (rows["bits"] == bits)
     rejected = np.setdiff1d(np.arange(len(values)), fits[valid], assume_unique=True)
