@@ -236,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
     from consumers.bench import model_state, publish, tagged
     from consumers.kafka import admin_config, connect, ensure_topics
     from consumers.metrics import Metrics
-    from consumers.store import CodeStore
+    from consumers.store import CodeStore, return_freed_arrays_to_os
     from fpocmh.commands.pipeline_args import load_config
     from fpocmh_core.bench.report import format_table, write_json
     from fpocmh_core.data import load_dataset
@@ -249,6 +249,7 @@ def run(args: argparse.Namespace) -> int:
     if max(args.shards) > cfg.partitions.codes:
         raise ValueError(f"{max(args.shards)} shards need partitions.codes >= {max(args.shards)}")
     faiss.omp_set_num_threads(1)
+    return_freed_arrays_to_os()  # as the query role does
     ds = load_dataset(args.data)
     metrics = Metrics(CollectorRegistry())
     work = args.work_dir / time.strftime("%Y%m%d-%H%M%S")

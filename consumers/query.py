@@ -31,7 +31,7 @@ from consumers.runtime import Decoded, Runtime
 from consumers.settings import PipelineConfig
 from consumers.shards import ShardSpec
 from consumers.snapshots import SnapshotDir, shard_dir
-from consumers.store import CodeStore
+from consumers.store import CodeStore, return_freed_arrays_to_os
 from fpocmh_core import schemas
 from fpocmh_core.records import Modality
 
@@ -258,6 +258,7 @@ def run_query(
     """Wait for a model, load the shard's snapshot, read its codes partitions to their end, then answer
     requests until ``stop`` is set (and write a last snapshot)."""
     shard = shard or ShardSpec()
+    return_freed_arrays_to_os()
     torch.set_num_threads(cfg.query.threads)
     # One thread per search: OpenMP workers spinning on a shared, busy machine cost 100x in latency.
     faiss.omp_set_num_threads(cfg.query.threads)
