@@ -560,16 +560,6 @@ def _decode_query_fields(body: bytes, head: struct.Struct) -> tuple[QueryRequest
     return req, pos
 
 
-def _decode_query_v1(body: bytes) -> QueryRequest:
-    return _decode_query_fields(body, _QUERY_V1)[0]
-
-
-def _decode_query_v2(body: bytes) -> QueryRequest:
-    req, pos = _decode_query_fields(body, _QUERY_V2)
-    bound, pos = _decode_offsets(body, pos, f"query {req.correlation_id}")
-    return dataclasses.replace(req, min_offsets=bound)
-
-
 def decode_query(body: bytes | None, headers: Headers | None) -> QueryRequest:
     return _DECODERS[QUERY][schema_version(headers, QUERY)](body)
 
@@ -652,14 +642,19 @@ def _decode_result_fields(body: bytes, head: struct.Struct) -> tuple[QueryResult
     return result, pos
 
 
-def _decode_result_v1(body: bytes) -> QueryResult:
-    return _decode_result_fields(body, _RESULT_V1)[0]
+def _fields_then_offsets(
+    fields: Callable[[bytes, struct.Struct], tuple[Any, int]], head: struct.Struct, offsets_field: str | None = None
+) -> Callable[[bytes], Any]:
+    """A version's decoder: its head and fields, then (from v2 on) the offsets into ``offsets_field``."""
 
+    def decode(body: bytes) -> Any:
+        value, pos = fields(body, head)
+        if offsets_field is None:
+            return value
+        offsets, _pos = _decode_offsets(body, pos, value.correlation_id)
+        return dataclasses.replace(value, **{offsets_field: offsets})
 
-def _decode_result_v2(body: bytes) -> QueryResult:
-    result, pos = _decode_result_fields(body, _RESULT_V2)
-    offsets, pos = _decode_offsets(body, pos, f"result {result.correlation_id}")
-    return dataclasses.replace(result, offsets=offsets)
+    return decode
 
 
 def decode_result(body: bytes | None, headers: Headers | None) -> QueryResult:
@@ -682,6 +677,12 @@ _DECODERS = {
     ARRIVAL: {1: _guard(_decode_arrival_v1)},
     CODE: {1: _guard(_decode_code_v1)},
     MODEL_PART: {1: _guard(_decode_model_part_v1)},
-    QUERY: {1: _guard(_decode_query_v1), 2: _guard(_decode_query_v2)},
-    RESULT: {1: _guard(_decode_result_v1), 2: _guard(_decode_result_v2)},
+    QUERY: {
+        1: _guard(_fields_then_offsets(_decode_query_fields, _QUERY_V1)),
+        2: _guard(_fields_then_offsets(_decode_query_fields, _QUERY_V2, "min_offsets")),
+    },
+    RESULT: {
+        1: _guard(_fields_then_offsets(_decode_result_fields, _RESULT_V1)),
+        2: _guard(_fields_then_offsets(_decode_result_fields, _RESULT_V2, "offsets")),
+    },
 }
