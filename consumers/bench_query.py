@@ -164,6 +164,20 @@ def write_snapshots(
     return written, time.perf_counter() - start
 
 
+def fresh_request_topics(cfg: Any, tag: str) -> Any:
+    """``cfg`` with queries and results topics of its own (created), the codes topic unchanged."""
+    import dataclasses
+
+    from consumers.kafka import ensure_topics
+
+    topics = dataclasses.replace(
+        cfg.topics, queries=f"{cfg.topics.queries}.{tag}", results=f"{cfg.topics.results}.{tag}"
+    )
+    cfg = dataclasses.replace(cfg, topics=topics)
+    ensure_topics(cfg)
+    return cfg
+
+
 def serve(cfg: Any, shards: int, work: Path, size: int, stop: threading.Event) -> tuple[list[Any], float]:
     """``shards`` shard processes, started from their snapshots; (roles, seconds to the first full answer)."""
     from consumers import settings
@@ -290,9 +304,12 @@ def run(args: argparse.Namespace) -> int:
                 write_s, load_s = write_snapshots(sized, ids, codes, ends, shards)
                 if shards == 1:
                     row["snapshot_write_s"], row["restart_seconds"] = write_s, load_s
-                roles, ready_s = serve(sized, shards, work, size, stop)
+                # Fresh request and answer topics per layout: a new shard group would otherwise first
+                # answer the previous layout's requests (those younger than query.max_request_age_s).
+                layout = fresh_request_topics(sized, f"{tag}-{shards}")
+                roles, ready_s = serve(layout, shards, work, size, stop)
                 try:
-                    measured = probe(sized, q_features, args.probes, args.repeats, expected)
+                    measured = probe(layout, q_features, args.probes, args.repeats, expected)
                 finally:
                     for role in roles:
                         role.stop()
