@@ -67,6 +67,7 @@ class CodeLog:
         )
         # Offset 0 as "the beginning": retention may have moved the start of a partition past 0.
         self._tps = [TopicPartition(topic, p) for p in self.partitions]
+        self._none = np.zeros(0, schemas.code_row_dtype(self.bits))
         self.consumer.assign([TopicPartition(topic, p, o if o > 0 else OFFSET_BEGINNING) for p, o in self.next.items()])
         self._assigned_at = time.monotonic()
         self._end: dict[int, int] = {}
@@ -78,14 +79,14 @@ class CodeLog:
         """The next code rows (:func:`schemas.code_row_dtype`), in topic order; unreadable records go
         to the dead-letter topic. Per message only the client's accessors run in Python."""
         msgs = poll_batch(self.consumer, max_messages, timeout_s)
+        # The consumer's position is one past the last record it handed out (or skipped, as
+        # transaction markers): one call per poll instead of two per message.
+        self.next.update((tp.partition, tp.offset) for tp in self.consumer.position(self._tps) if tp.offset >= 0)
         good = [m for m in msgs if m.error() is None]
         if len(good) < len(msgs):
             self._client_errors([m for m in msgs if m.error() is not None])
         if not good:
-            return np.zeros(0, schemas.code_row_dtype(self.bits))
-        # The consumer's position is one past the last message it handed out: one call per poll
-        # instead of two per message.
-        self.next.update((tp.partition, tp.offset) for tp in self.consumer.position(self._tps) if tp.offset >= 0)
+            return self._none
         self.rt.metrics.messages_consumed.labels(self.rt.role, self.topic).inc(len(good))
         plain = self._plain_headers(good)
         fast = np.flatnonzero(plain)

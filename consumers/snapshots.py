@@ -1,6 +1,6 @@
 """Snapshots of a query shard's store: the codes, their ids and the codes-topic offsets they reflect.
 
-A snapshot is a folder ``snap-<next offsets total>-<time>`` under the shard's own directory
+A snapshot is a folder ``snap-<time in ns>`` under the shard's own directory
 (``<snapshot_dir>/<codes topic>/shard-<s>-of-<S>``) holding per modality ``<mod>.ids.npy`` and
 ``<mod>.codes.npy`` (sorted by id, loaded straight into the store) and ``meta.json`` (format, bits,
 topic, partitions, next offset per partition, model versions seen, and a CRC-32 and size per file).
@@ -98,7 +98,8 @@ class SnapshotDir:
         }
         (tmp / META).write_text(json.dumps(meta, indent=1))
         _fsync(tmp / META)
-        final = self.path / f"snap-{sum(meta['offsets'].values()):015d}-{time.time_ns()}"
+        # Named by time: after a reset topic the newest snapshot reflects smaller offsets than older ones.
+        final = self.path / f"snap-{time.time_ns():020d}"
         tmp.rename(final)
         _fsync(self.path)
         for old in self.snapshots()[self.keep :]:
