@@ -1,5 +1,6 @@
 """The query tier's commands: words to features over the benchmark's tag vocabulary, session bounds on
-the command line, shard arguments, and ``fpocmh bench query`` end to end at a small scale."""
+the command line, shard arguments, a query in words through the tier, and ``fpocmh bench query`` end
+to end at a small scale."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ import json
 
 import numpy as np
 import pytest
+from pipeline_support import RoleThread, model_state, paired_items, produce_arrivals, publish, wait_until
 
+from consumers import settings
+from consumers.encoder import run_encoder
+from consumers.query import run_query
+from consumers.query_client import QueryClient
 from fpocmh import cli
 from fpocmh.commands.query import parse_after, tag_vocabulary, words_to_features
 
@@ -48,3 +54,32 @@ def test_the_query_benchmark_reports_every_measure_the_issue_asks_for(kafka_boot
     assert [(r["codes"], r["shards"]) for r in report["rounds"]] == [(3000, 1), (3000, 2)]
     for row in report["rounds"]:
         assert 0 < row["p50_ms"] <= row["p99_ms"] and row["search_ms"] > 0
+
+
+@pytest.mark.broker
+def test_a_query_in_words_prints_ranked_items_with_their_tags_and_labels(pipeline_cfg, mirflickr, tmp_path, capsys):
+    publish(pipeline_cfg, model_state(mirflickr.dims, pipeline_cfg.bits))
+    config = settings.dump(pipeline_cfg, tmp_path / "pipeline.yaml")
+    with (
+        RoleThread(run_encoder, pipeline_cfg),
+        RoleThread(run_query, pipeline_cfg),
+        QueryClient(pipeline_cfg) as client,
+    ):
+        produce_arrivals(pipeline_cfg, paired_items(mirflickr.image, mirflickr.text, range(200)))
+        wait_until_stored(client, 200)
+        code = cli.main(["query", "--config", str(config), "--text", "sunset beach qwertyzzz", "-k", "3"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "unknown words (not in the 1386-tag vocabulary, left out): qwertyzzz" in out
+    ranked = [line for line in out.splitlines() if line.strip()[:2] in ("1.", "2.", "3.")]
+    assert len(ranked) == 3 and all("tags:" in line and "labels:" in line for line in ranked)
+
+
+def wait_until_stored(client, n):
+    def holding():
+        try:
+            return client.status(timeout_s=3).store_codes[1] >= n
+        except TimeoutError:
+            return False
+
+    wait_until(holding, 60, f"{n} text codes")
