@@ -65,9 +65,9 @@ class CodeLog:
                 "fetch.max.bytes": 64 << 20,
             },
         )
-        # Offset 0 as "the beginning": retention may have moved the start of a partition past 0.
         self._tps = [TopicPartition(topic, p) for p in self.partitions]
         self._none = np.zeros(0, schemas.code_row_dtype(self.bits))
+        # Offset 0 as "the beginning": retention may have moved the start of a partition past 0.
         self.consumer.assign([TopicPartition(topic, p, o if o > 0 else OFFSET_BEGINNING) for p, o in self.next.items()])
         self._assigned_at = time.monotonic()
         self._end: dict[int, int] = {}
@@ -79,8 +79,8 @@ class CodeLog:
         """The next code rows (:func:`schemas.code_row_dtype`), in topic order; unreadable records go
         to the dead-letter topic. Per message only the client's accessors run in Python."""
         msgs = poll_batch(self.consumer, max_messages, timeout_s)
-        # The consumer's position is one past the last record it handed out (or skipped, as
-        # transaction markers): one call per poll instead of two per message.
+        # The consumer's position is one past the last record it handed out: one call per poll
+        # instead of two per message.
         self.next.update((tp.partition, tp.offset) for tp in self.consumer.position(self._tps) if tp.offset >= 0)
         good = [m for m in msgs if m.error() is None]
         if len(good) < len(msgs):

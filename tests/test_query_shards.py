@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 from confluent_kafka.admin import AdminClient
-from pipeline_support import RoleThread, fresh_metrics, model_state, publish, read_topic, wait_until
+from pipeline_support import RoleThread, fresh_metrics, model_state, produce_raw, publish, read_topic, wait_until
 
 from consumers import code_log
 from consumers.kafka import admin_config, ensure_topics, make_producer
@@ -172,6 +172,20 @@ def test_a_silent_shard_yields_a_partial_answer_or_an_error_as_configured(cfg, m
     owned = {int(i) for i in partial.ids[0]}
     assert owned and owned < set(stored), "only shard 0's items"
     assert {p for p, _o in partial.offsets} == set(TWO[0].owns(range(cfg.partitions.codes)))
+
+
+def test_unreadable_code_records_are_dead_lettered_and_the_rest_stored(cfg, model, mirflickr):
+    produce_codes(cfg, model, mirflickr, np.arange(100))
+    produce_raw(cfg, cfg.topics.codes, b"\x00garbage", schemas.CODE_HEADERS)
+    short = schemas.CodeMessage(7777, Modality.TEXT, np.zeros(4, np.uint8), 0, (Modality.TEXT,))
+    produce_raw(cfg, cfg.topics.codes, schemas.encode_code(short), schemas.CODE_HEADERS)
+    produce_codes(cfg, model, mirflickr, np.arange(100, 150))
+    with RoleThread(run_query, cfg), QueryClient(cfg) as client:
+        status = wait_for_codes(client, 150)
+        dead = read_topic(cfg, cfg.topics.dead_letters, 2)
+    assert status.store_codes == (0, 150)
+    reasons = sorted(schemas.header(m.headers(), schemas.DLQ_REASON) for m in dead)
+    assert reasons == [b"decode", b"shape"], "garbage, and a 32-bit code in a 64-bit store"
 
 
 def test_queries_with_non_finite_features_are_refused_unhashed(cfg, model, mirflickr):
