@@ -8,7 +8,9 @@ map is the sorted id array itself (binary search): 8 bytes of id plus bits/8 byt
 code and nothing else, against ~130 bytes for a faiss ``IndexBinaryIDMap2`` plus a Python set.
 
 Answers are ordered by (distance, item id) everywhere, so any split of the codes over shards merges
-back into exactly this store's answer, ties included (see :func:`consumers.shards.merge_topk`).
+back into exactly this store's answer, ties included (see :func:`consumers.shards.merge_topk`). The
+search relies on faiss scanning rows in order with one thread per query (``faiss.omp_set_num_threads``
+as the role sets it); the tests check it on codes built to tie.
 """
 
 from __future__ import annotations
@@ -115,30 +117,25 @@ class ModalStore:
 
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(distances, item ids) of the ``min(k, stored)`` nearest codes per query row, in (distance,
-        id) order. Each segment is asked for more than ``k`` until its last candidate lies beyond the
-        k-th distance, so no code tied at the boundary is left out."""
+        id) order, ties included.
+
+        faiss scans a segment's rows in order and, of two codes at the same distance, keeps the one it
+        saw first (its heap replaces only on a strictly smaller distance; its counting search fills
+        each distance in scan order). The rows are sorted by id, so each segment's top-k is the first
+        k by (distance, id); merging the two segments' lists keeps that order. One scan per segment.
+        """
         n = q.shape[0]
         k = min(k, len(self))
         if k == 0 or n == 0:
             return np.zeros((n, k), np.int32), np.zeros((n, k), np.int64)
         q = np.ascontiguousarray(q, dtype=np.uint8)
-        segments = [(i, c) for i, c in self._segments() if i.size]
-        wanted = [min(i.size, 2 * k + 16) for i, _c in segments]
-        while True:
-            found = [_segment_knn(c, q, w) for (_i, c), w in zip(segments, wanted, strict=True)]
-            dist = np.concatenate([d for d, _r in found], axis=1)
-            ids = np.concatenate([i[r] for (i, _c), (_d, r) in zip(segments, found, strict=True)], axis=1)
-            dist, ids = sort_by_distance_then_id(dist, ids, k)
-            boundary = dist[:, -1]
-            short = [
-                j
-                for j, ((seg_ids, _c), (d, _r)) in enumerate(zip(segments, found, strict=True))
-                if wanted[j] < seg_ids.size and (d[:, -1] <= boundary).any()
-            ]
-            if not short:
-                return dist, ids
-            for j in short:
-                wanted[j] = min(segments[j][0].size, 2 * wanted[j])
+        dists, ids = [], []
+        for seg_ids, seg_codes in self._segments():
+            if seg_ids.size:
+                d, rows = _segment_knn(seg_codes, q, min(k, seg_ids.size))
+                dists.append(d)
+                ids.append(seg_ids[rows])
+        return sort_by_distance_then_id(np.concatenate(dists, axis=1), np.concatenate(ids, axis=1), k)
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, codes) of every stored code, sorted by id (merges the delta first)."""

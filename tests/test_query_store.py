@@ -59,13 +59,19 @@ def test_the_store_answers_the_definition_exactly_on_benchmark_codes(benchmark_c
     np.testing.assert_array_equal(got, want_ids)
 
 
-def test_ties_are_broken_by_item_id_across_the_delta_and_the_main_segment(monkeypatch):
+@pytest.mark.parametrize("bits", [8, 16, 64])
+def test_ties_are_broken_by_item_id_across_the_delta_and_the_main_segment(monkeypatch, bits):
     monkeypatch.setattr(store_mod, "MIN_DELTA_ROWS", 500)
-    ids, codes, q = tie_heavy(6000, seed=2)
-    store = filled(ids, codes, 8)
+    ids, codes, q = tie_heavy(6000, seed=bits, nbytes=bits // 8)
+    if bits == 64:
+        codes[:, :6] = 0  # 16 random bits in a 64-bit code
+    store = filled(ids, codes, bits)
     assert 0 < store._delta_ids.size < len(store), "both segments hold codes"
-    for k in (3, 50, 700):
-        np.testing.assert_array_equal(store.search(q, k)[1], reference_topk(q, ids, codes, k)[1])
+    for k in (1, 3, 50, 256, 257, 700):  # the heap search up to 256, the counting search above
+        dist, got = store.search(q, k)
+        want_dist, want = reference_topk(q, ids, codes, k)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(dist, want_dist)
 
 
 def test_an_upsert_replaces_the_old_code_which_is_never_searched_again():
