@@ -178,36 +178,6 @@ def fresh_request_topics(cfg: Any, tag: str) -> Any:
     return cfg
 
 
-def parallel_search_ms(
-    ids: np.ndarray, codes: np.ndarray, ends: dict[int, int], shards: int, q_codes: np.ndarray, repeats: int = 5
-) -> dict[str, float]:
-    """The shards' top-100 searches of one query run at once in threads of this process (faiss releases
-    the GIL), timed to the last one: what the layout can give on this machine's cores, without Kafka."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from consumers.shards import ShardSpec
-    from consumers.store import ModalStore
-
-    partitions = np.array(sorted(ends))
-    owner = partitions[ids % partitions.size] % shards
-    stores = []
-    for s in range(shards):
-        store = ModalStore(codes.shape[1] * 8)
-        mine = owner == ShardSpec(s, shards).index
-        store.load(ids[mine], codes[mine])
-        stores.append(store)
-    times = []
-    with ThreadPoolExecutor(shards) as pool:
-        list(pool.map(lambda st: st.search(q_codes[:1], 100), stores))  # warm-up: threads and pages
-        for _ in range(repeats):
-            for q in q_codes:
-                start = time.perf_counter()
-                list(pool.map(lambda st, q=q: st.search(q[None, :], 100), stores))
-                times.append(time.perf_counter() - start)
-    ms = 1e3 * np.array(times)
-    return {"parallel_p50_ms": float(np.percentile(ms, 50)), "parallel_p99_ms": float(np.percentile(ms, 99))}
-
-
 def serve(cfg: Any, shards: int, work: Path, size: int, stop: threading.Event) -> tuple[list[Any], float]:
     """``shards`` shard processes, started from their snapshots; (roles, seconds to the first full answer)."""
     from consumers import settings
@@ -350,7 +320,6 @@ def run(args: argparse.Namespace) -> int:
                 finally:
                     for role in roles:
                         role.stop()
-                parallel = parallel_search_ms(ids, codes, ends, shards, q_codes)
                 rounds.append(
                     {
                         "codes": size,
@@ -358,13 +327,12 @@ def run(args: argparse.Namespace) -> int:
                         "ready_s": ready_s,
                         "snapshot_load_s": load_s,
                         **measured,
-                        **parallel,
                     }
                 )
                 print(
                     f"  {shards} shard(s): p50 {measured['p50_ms']:.1f} ms, p99 {measured['p99_ms']:.1f} ms, "
-                    f"search {measured['search_ms']:.1f} ms, ready {ready_s:.1f} s after start, in-process "
-                    f"threads p50 {parallel['parallel_p50_ms']:.1f} / p99 {parallel['parallel_p99_ms']:.1f} ms, "
+                    f"search {measured['search_ms']:.1f} ms, ready {ready_s:.1f} s after start, "
+                    f"{measured['answers_lost']} answers lost, "
                     f"merge equal {measured['merge_equal']}",
                     flush=True,
                 )
@@ -385,8 +353,8 @@ def run(args: argparse.Namespace) -> int:
         rounds=rounds,
     )
     print()
-    columns = ["codes", "shards", "p50_ms", "p99_ms", "search_ms", "parallel_p50_ms", "parallel_p99_ms", "ready_s"]
-    print(format_table(rounds, [*columns, "merge_equal"]))
+    columns = ["codes", "shards", "p50_ms", "p99_ms", "search_ms", "ready_s", "answers_lost", "merge_equal"]
+    print(format_table(rounds, columns))
     print(
         f"bytes/code {summary['bytes_per_code']:.1f}; catch-up {summary['catchup_codes_per_s']:,.0f} codes/s; "
         f"restart from snapshot {summary['restart_seconds']:.2f} s at {sizes[-1]:,} codes; "
