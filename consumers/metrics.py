@@ -126,9 +126,38 @@ class Metrics:
             buckets=(1e4, 1e5, 1e6, 4e6, 1.6e7, 6.4e7),
             registry=registry,
         )
-        self.store_codes = Gauge("fpocmh_store_codes", "Codes held by the query store", ["modality"], registry=registry)
+        self.store_codes = Gauge(
+            "fpocmh_store_codes",
+            "Codes held by the query store (shard s/S, or all)",
+            ["shard", "modality"],
+            registry=registry,
+        )
         self.store_ready = Gauge(
             "fpocmh_store_ready", "1 once the query store has read the codes topic to its end", registry=registry
+        )
+        self.store_offsets_behind = Gauge(
+            "fpocmh_store_offsets_behind",
+            "Codes-topic messages of the shard's partitions not yet in its store (high watermark minus next offset)",
+            ["shard"],
+            registry=registry,
+        )
+        self.store_snapshot_time = Gauge(
+            "fpocmh_store_snapshot_timestamp_seconds",
+            "Unix time of the snapshot the store last wrote or loaded; its age is time() minus this",
+            ["shard"],
+            registry=registry,
+        )
+        self.store_rebuilds = Counter(
+            "fpocmh_store_rebuilds_total",
+            "Stores rebuilt from the beginning because the codes topic was reset under them",
+            ["shard"],
+            registry=registry,
+        )
+        self.query_answers = Counter(
+            "fpocmh_query_answers_total",
+            "Answers by status: each shard's (role=query) and the client's merged ones (role=replay)",
+            ["role", "status"],
+            registry=registry,
         )
         self.query_duration = Histogram(
             "fpocmh_query_duration_seconds",

@@ -108,6 +108,14 @@ class QueryConfig:
     client_timeout_s: float
     threads: int
     metrics_port: int
+    shards: int
+    missing_shards: str
+    max_wait_s: float
+    isolation_level: str
+    snapshot_dir: str
+    snapshot_every_codes: int
+    snapshot_every_s: float
+    keep_snapshots: int
 
 
 @dataclass(frozen=True)
@@ -189,6 +197,12 @@ class PipelineConfig:
         for name in ("encoder", "learner", "query"):
             if getattr(self, name).batch_size < 1:
                 raise config.ConfigError(f"pipeline: {name}.batch_size must be >= 1")
+        if self.query.shards < 1:
+            raise config.ConfigError(f"pipeline: query.shards must be >= 1, got {self.query.shards}")
+        if self.query.missing_shards not in ("error", "partial"):
+            raise config.ConfigError(
+                f"pipeline: query.missing_shards is error or partial, not {self.query.missing_shards!r}"
+            )
         owned = sorted(set(self.kafka) & set(OWNED_PROPERTIES))
         if owned:
             raise config.ConfigError(f"pipeline: kafka: {owned} are set by the roles and can't be overridden")

@@ -17,6 +17,7 @@ arrived and the checksum matches.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import struct
@@ -338,6 +339,45 @@ def decode_code(body: bytes | None, headers: Headers | None) -> CodeMessage:
     return _DECODERS[CODE][schema_version(headers, CODE)](body)
 
 
+def code_row_dtype(bits: int) -> np.dtype:
+    """One code record (version 1) as a packed numpy row: bulk readers decode a whole fetch at once."""
+    return np.dtype(
+        [
+            ("item_id", "<i8"),
+            ("modality", "u1"),
+            ("present", "u1"),
+            ("source", "u1"),
+            ("bits", "<u2"),
+            ("model_version", "<i8"),
+            ("code", "u1", (bits // 8,)),
+        ]
+    )
+
+
+def decode_code_rows(values: Sequence[bytes | None], bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, rejected): the version-1 ``bits``-bit code records among ``values`` decoded in one pass,
+    and the positions of the others, for :func:`decode_code` to explain one by one.
+
+    Headers are the caller's to check; a per-message :class:`CodeMessage` costs microseconds that a
+    store catching up on 10^7 codes cannot spend.
+    """
+    dtype = code_row_dtype(bits)
+    try:
+        uniform = set(map(len, values)) <= {dtype.itemsize}  # type: ignore[arg-type]
+    except TypeError:  # a value is None
+        uniform = False
+    if uniform:
+        fits = np.arange(len(values))
+        body = b"".join(values)  # type: ignore[arg-type]
+    else:
+        fits = np.flatnonzero([v is not None and len(v) == dtype.itemsize for v in values])
+        body = b"".join(values[i] for i in fits)  # type: ignore[misc]
+    rows = np.frombuffer(body, dtype)
+    valid = (rows["modality"] <= 1) & (rows["source"] < len(CODE_SOURCES)) & (rows["bits"] == bits)
+    rejected = np.setdiff1d(np.arange(len(values)), fits[valid], assume_unique=True)
+    return rows[valid], rejected
+
+
 # --------------------------------------------------------------------------------------- model updates
 
 _PART_V1 = struct.Struct("<qqIIQ32s")  # version, parent (-1: none), index, count, total size, sha256
@@ -538,12 +578,21 @@ def decode_intent(body: bytes | None, headers: Headers | None) -> tuple[CodingRa
 # ----------------------------------------------------------------------------------- queries and results
 
 _QUERY_V1 = struct.Struct("<BBIi")  # modality, target modality, k, reply partition (-1: any)
-QUERY_HEADERS = schema_headers(QUERY, 1)
+# v2 adds how long a shard may wait for the consistency bound, and the bound itself: a minimum next
+# offset per codes partition (after the features).
+_QUERY_V2 = struct.Struct("<BBIiI")
+QUERY_HEADERS = schema_headers(QUERY, 2)
+
+Offsets = tuple[tuple[int, int], ...]  # (codes partition, next offset) pairs, sorted by partition
 
 
 @dataclass(frozen=True, eq=False)
 class QueryRequest:
-    """Rank the stored ``target`` codes against each row of ``features`` (one query per row)."""
+    """Rank the stored ``target`` codes against each row of ``features`` (one query per row).
+
+    ``min_offsets`` is the consistency bound: answer only from a store that has applied the codes
+    topic at least up to these next offsets, waiting at most ``wait_ms`` for it (empty: no bound).
+    """
 
     correlation_id: str
     reply_topic: str
@@ -552,27 +601,50 @@ class QueryRequest:
     k: int
     target: Modality
     reply_partition: int = -1
+    min_offsets: Offsets = ()
+    wait_ms: int = 0
+
+
+def _encode_offsets(offsets: Offsets) -> bytes:
+    return encode_array(np.array(offsets, dtype=np.int64).reshape(-1, 2))
+
+
+def _decode_offsets(body: bytes, pos: int, what: str) -> tuple[Offsets, int]:
+    pairs, pos = decode_array(body, pos)
+    if pairs.ndim != 2 or pairs.shape[1] != 2 or pairs.dtype != np.int64:
+        raise SchemaError("shape", f"{what}: offsets must be (n, 2) int64, got {pairs.shape} {pairs.dtype}")
+    return tuple((int(p), int(o)) for p, o in pairs), pos
 
 
 def encode_query(req: QueryRequest, dtype: int | None = None) -> tuple[bytes, list[tuple[str, bytes]]]:
     features = np.atleast_2d(req.features) if req.features.size else req.features.reshape(0, 0)
-    head = _QUERY_V1.pack(int(req.modality), int(req.target), req.k, req.reply_partition)
+    head = _QUERY_V2.pack(int(req.modality), int(req.target), req.k, req.reply_partition, req.wait_ms)
     body = head + _encode_str(req.correlation_id) + _encode_str(req.reply_topic) + encode_array(features, dtype)
-    return body, QUERY_HEADERS
+    return body + _encode_offsets(req.min_offsets), QUERY_HEADERS
 
 
-def _decode_query_v1(body: bytes) -> QueryRequest:
-    modality, target, k, reply_partition = _unpack(_QUERY_V1, body, QUERY)
+def _decode_query_fields(body: bytes, head: struct.Struct) -> tuple[QueryRequest, int]:
+    modality, target, k, reply_partition, *wait = _unpack(head, body, QUERY)
     if modality > 1 or target > 1:
         raise SchemaError("decode", f"query modality {modality} / target {target}; expected 0 (img) or 1 (txt)")
-    correlation_id, pos = _decode_str(body, _QUERY_V1.size)
+    correlation_id, pos = _decode_str(body, head.size)
     reply_topic, pos = _decode_str(body, pos)
     features, pos = decode_array(body, pos)
     if features.ndim != 2:
         raise SchemaError("shape", f"query {correlation_id}: features must be (n, dim), got {features.shape}")
     if not reply_topic:
         raise SchemaError("decode", f"query {correlation_id}: empty reply topic")
-    return QueryRequest(correlation_id, reply_topic, Modality(modality), features, k, Modality(target), reply_partition)
+    req = QueryRequest(
+        correlation_id,
+        reply_topic,
+        Modality(modality),
+        features,
+        k,
+        Modality(target),
+        reply_partition,
+        wait_ms=wait[0] if wait else 0,
+    )
+    return req, pos
 
 
 def decode_query(body: bytes | None, headers: Headers | None) -> QueryRequest:
@@ -580,24 +652,40 @@ def decode_query(body: bytes | None, headers: Headers | None) -> QueryRequest:
 
 
 _RESULT_V1 = struct.Struct("<Bqqqf")  # status, model version, image codes, text codes, search seconds
-RESULT_STATUSES = ("ok", "not_ready", "bad_request")
-RESULT_HEADERS = schema_headers(RESULT, 1)
+# v2 adds the answering shard (-1: the whole store) and the shard count, then (after the arrays) the
+# next offset per codes partition that the answering store reflects.
+_RESULT_V2 = struct.Struct("<Bqqqfhh")
+# "behind": the store had not applied the request's consistency bound within its wait; "partial": a
+# client's merge of shard answers that lacks some shards (never on the wire).
+RESULT_STATUSES = ("ok", "not_ready", "bad_request", "behind", "partial")
+RESULT_HEADERS = schema_headers(RESULT, 2)
 
 
 @dataclass(frozen=True, eq=False)
 class QueryResult:
     correlation_id: str
     status: str
-    ids: np.ndarray  # (n, k) int64 item ids, nearest first; -1 pads when the store holds fewer than k
+    ids: np.ndarray  # (n, k) int64 item ids, nearest first by (distance, item id)
     distances: np.ndarray  # (n, k) Hamming distances
     model_version: int
     store_codes: tuple[int, int]  # (image codes, text codes) held when the request was answered
     search_seconds: float = 0.0
     error: str = ""
+    shard: int | None = None  # None: the answer covers the whole store (every v1 answer does)
+    shard_count: int = 1
+    offsets: Offsets = ()  # what the answer reflects: next offset per codes partition of the store
 
 
 def encode_result(res: QueryResult) -> tuple[bytes, list[tuple[str, bytes]]]:
-    head = _RESULT_V1.pack(RESULT_STATUSES.index(res.status), res.model_version, *res.store_codes, res.search_seconds)
+    shard = -1 if res.shard is None else res.shard
+    head = _RESULT_V2.pack(
+        RESULT_STATUSES.index(res.status),
+        res.model_version,
+        *res.store_codes,
+        res.search_seconds,
+        shard,
+        res.shard_count,
+    )
     ids = np.asarray(res.ids, dtype=np.int64)
     # Item ids and distances mostly fit in 32 and 8 bits; the dtype code tells the reader what came.
     id_dtype = np.int32 if ids.size == 0 or (ids.min() >= -(2**31) and ids.max() < 2**31) else np.int64
@@ -608,21 +696,25 @@ def encode_result(res: QueryResult) -> tuple[bytes, list[tuple[str, bytes]]]:
         + _encode_str(res.error)
         + encode_array(ids.astype(id_dtype))
         + encode_array(np.asarray(res.distances).astype(dist_dtype))
+        + _encode_offsets(res.offsets)
     )
     return body, RESULT_HEADERS
 
 
-def _decode_result_v1(body: bytes) -> QueryResult:
-    status, version, n_img, n_txt, seconds = _unpack(_RESULT_V1, body, RESULT)
+def _decode_result_fields(body: bytes, head: struct.Struct) -> tuple[QueryResult, int]:
+    status, version, n_img, n_txt, seconds, *shard = _unpack(head, body, RESULT)
     if status >= len(RESULT_STATUSES):
         raise SchemaError("decode", f"unknown result status {status}")
-    correlation_id, pos = _decode_str(body, _RESULT_V1.size)
+    correlation_id, pos = _decode_str(body, head.size)
     error, pos = _decode_str(body, pos)
     ids, pos = decode_array(body, pos)
     distances, pos = decode_array(body, pos)
     if ids.shape != distances.shape:
         raise SchemaError("shape", f"result {correlation_id}: ids {ids.shape} vs distances {distances.shape}")
-    return QueryResult(
+    index, count = shard or (-1, 1)
+    if count < 1 or index >= count:
+        raise SchemaError("decode", f"result {correlation_id}: shard {index} of {count}")
+    result = QueryResult(
         correlation_id,
         RESULT_STATUSES[status],
         ids.astype(np.int64),
@@ -631,7 +723,25 @@ def _decode_result_v1(body: bytes) -> QueryResult:
         (n_img, n_txt),
         seconds,
         error,
+        None if index < 0 else index,
+        count,
     )
+    return result, pos
+
+
+def _fields_then_offsets(
+    fields: Callable[[bytes, struct.Struct], tuple[Any, int]], head: struct.Struct, offsets_field: str | None = None
+) -> Callable[[bytes], Any]:
+    """A version's decoder: its head and fields, then (from v2 on) the offsets into ``offsets_field``."""
+
+    def decode(body: bytes) -> Any:
+        value, pos = fields(body, head)
+        if offsets_field is None:
+            return value
+        offsets, _pos = _decode_offsets(body, pos, value.correlation_id)
+        return dataclasses.replace(value, **{offsets_field: offsets})
+
+    return decode
 
 
 def decode_result(body: bytes | None, headers: Headers | None) -> QueryResult:
@@ -654,7 +764,13 @@ _DECODERS = {
     ARRIVAL: {1: _guard(_decode_arrival_v1)},
     CODE: {1: _guard(_decode_code_v1)},
     MODEL_PART: {1: _guard(_decode_model_part_v1), 2: _guard(_decode_model_part_v2)},
-    QUERY: {1: _guard(_decode_query_v1)},
+    QUERY: {
+        1: _guard(_fields_then_offsets(_decode_query_fields, _QUERY_V1)),
+        2: _guard(_fields_then_offsets(_decode_query_fields, _QUERY_V2, "min_offsets")),
+    },
     INTENT: {1: _guard(_decode_intent_v1)},
-    RESULT: {1: _guard(_decode_result_v1)},
+    RESULT: {
+        1: _guard(_fields_then_offsets(_decode_result_fields, _RESULT_V1)),
+        2: _guard(_fields_then_offsets(_decode_result_fields, _RESULT_V2, "offsets")),
+    },
 }

@@ -79,13 +79,14 @@ def feature_problem(features: np.ndarray, dim: int) -> tuple[str, str] | None:
     return None
 
 
-def check_query_features(features: np.ndarray, dim: int) -> str | None:
-    """Why a query's (n, dim) feature matrix can't be hashed, or None."""
+def check_query_features(features: np.ndarray, dim: int) -> tuple[str, str] | None:
+    """(reason, what is wrong) when a query's (n, dim) feature matrix can't be hashed, else None."""
     if features.ndim != 2 or features.shape[1] != dim:
-        return f"features of shape {features.shape}; the model takes {dim} per row"
+        return SHAPE, f"features of shape {features.shape}; the model takes {dim} dims per row"
     if features.dtype.kind == "f":
         with np.errstate(over="ignore"):
             finite = np.isfinite(features.astype(np.float32, copy=False)).all(axis=1)
         if not finite.all():
-            return f"row(s) {np.flatnonzero(~finite)[:5].tolist()} have non-finite values (NaN, Inf, or beyond float32)"
+            rows = np.flatnonzero(~finite)[:5].tolist()
+            return INVALID, f"non-finite features (NaN, Inf, or beyond float32) in row(s) {rows}"
     return None

@@ -34,6 +34,7 @@ def isolated_config(bootstrap: str, tmp_path: Path, sets: Sequence[str] = ()) ->
     base += [f"{role}.group=test-{tag}-{role}" for role in ("encoder", "learner", "query")]
     base += [
         f"learner.checkpoint_dir={tmp_path / 'learner'}",
+        f"query.snapshot_dir={tmp_path / 'query-snapshots'}",
         # Short fetch waits and polls: tests wait on round trips, not on throughput.
         "encoder.fetch_wait_max_ms=10",
         "learner.fetch_wait_max_ms=10",

@@ -222,9 +222,25 @@ def test_the_dataset_is_mounted_not_baked_in(compose):
 
 # --- compose against the CLI and config/pipeline.yaml ------------------------------------------
 
-# Compose service -> the fpocmh command it runs and its section of config/pipeline.yaml.
-ROLE_SERVICES = {"replay": "replay", "encoder": "encode", "learner": "learn", "query": "serve-queries"}
-SCALED_INPUTS = {"encoder": "arrivals", "query": "queries"}
+# Compose service -> the fpocmh command it runs.
+ROLE_SERVICES = {
+    "replay": "replay",
+    "encoder": "encode",
+    "learner": "learn",
+    "query-s0": "serve-queries",
+    "query-s1": "serve-queries",
+}
+# Compose service -> its section of config/pipeline.yaml, which is also its Prometheus job (the query
+# shards share the network alias "query").
+ROLE_SECTIONS = {
+    "replay": "replay",
+    "encoder": "encoder",
+    "learner": "learner",
+    "query-s0": "query",
+    "query-s1": "query",
+}
+QUERY_SHARDS = ("query-s0", "query-s1")
+SCALED_INPUTS = {"encoder": "arrivals", "query-s0": "queries", "query-s1": "queries"}
 # Kafka's default message.max.bytes, used unless compose sets KAFKA_MESSAGE_MAX_BYTES.
 KAFKA_DEFAULT_MESSAGE_MAX_BYTES = 1048588
 
@@ -281,16 +297,32 @@ def test_roles_reach_kafka_by_its_advertised_in_network_listener(compose, servic
 def test_prometheus_scrapes_every_role_at_its_configured_port(compose, service_config):
     scrape = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())["scrape_configs"]
     jobs = {job["job_name"]: job for job in scrape}
-    for name in ROLE_SERVICES:
+    for name, section in ROLE_SECTIONS.items():
         service = compose["services"][name]
-        port = getattr(service_config(service), name).metrics_port
+        port = getattr(service_config(service), section).metrics_port
         assert port > 0, f"{name}: metrics are off in the stack"
         assert service["environment"]["FPOCMH_METRICS_ADDR"] == "0.0.0.0", f"{name}: /metrics only on loopback"
-        (sd,) = jobs[name]["dns_sd_configs"]
-        assert (sd["names"], sd["port"]) == ([name], port), name
+        (sd,) = jobs[section]["dns_sd_configs"]
+        aliases = service.get("networks", {}).get("default", {}).get("aliases", [])
+        assert sd["port"] == port and (sd["names"] == [name] or sd["names"][0] in aliases), name
     (self_target,) = jobs["prometheus"]["static_configs"][0]["targets"]
     assert self_target == f"localhost:{container_port(compose['services']['prometheus'])}"
-    assert set(jobs) == set(ROLE_SERVICES) | {"prometheus"}, "a job scrapes a service that does not exist"
+    assert set(jobs) == set(ROLE_SECTIONS.values()) | {"prometheus"}, "a job scrapes a service that does not exist"
+
+
+def test_the_query_shards_split_the_codes_partitions_and_keep_their_own_snapshots(compose, service_config):
+    from consumers.shards import ShardSpec
+    from fpocmh.cli import build_parser
+
+    parser = build_parser()
+    specs = [ShardSpec.parse(parser.parse_args(service_argv(compose["services"][n])).shard) for n in QUERY_SHARDS]
+    assert sorted(spec.index for spec in specs) == list(range(len(QUERY_SHARDS)))
+    assert {spec.count for spec in specs} == {len(QUERY_SHARDS)}
+    codes_partitions = service_config(compose["services"][QUERY_SHARDS[0]]).partitions.codes
+    owned = [p for spec in specs for p in spec.owns(range(codes_partitions))]
+    assert sorted(owned) == list(range(codes_partitions)), "every codes partition is owned by exactly one shard"
+    volumes = [v for n in QUERY_SHARDS for v in compose["services"][n]["volumes"] if v.endswith(":/app/runs")]
+    assert len(set(volumes)) == len(QUERY_SHARDS), "each shard writes its snapshots to a volume of its own"
 
 
 def test_kafka_takes_the_largest_message_the_roles_produce(compose, service_config):
@@ -305,7 +337,7 @@ def test_start_up_order_is_broker_healthy_then_topics_then_roles(compose):
     health = " ".join(services["kafka"]["healthcheck"]["test"])
     assert "kafka-topics.sh --bootstrap-server localhost:9092 --list" in health
     assert services["topics-init"]["depends_on"] == {"kafka": {"condition": "service_healthy"}}
-    for name in ("encoder", "learner", "query"):
+    for name in ("encoder", "learner", *QUERY_SHARDS):
         assert services[name]["depends_on"] == {"topics-init": {"condition": "service_completed_successfully"}}, name
     assert services["topics-init"]["restart"] == "no"
     assert services["kafka"]["environment"]["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
@@ -326,7 +358,7 @@ def test_documented_scale_counts_fit_the_partition_counts(compose, service_confi
     docs = [COMPOSE, ROOT / "README.md"]
     assert re.search(r"--scale (\w+)=(\d+)", COMPOSE.read_text()), "docker-compose.yml: no --scale example"
     for path in docs:
-        for name, count in re.findall(r"--scale (\w+)=(\d+)", path.read_text()):
+        for name, count in re.findall(r"--scale ([\w-]+)=(\d+)", path.read_text()):
             assert int(count) <= getattr(partitions, SCALED_INPUTS[name]), f"{path.name}: --scale {name}={count}"
 
 

@@ -86,8 +86,10 @@ def test_query_features_with_non_finite_rows_or_wrong_widths_are_named():
     q = np.ones((3, 8), np.float32)
     assert check_query_features(q, 8) is None
     q[1, 2] = np.nan
-    assert "[1]" in check_query_features(q, 8)
-    assert "takes 9" in check_query_features(np.ones((2, 8), np.float32), 9)
+    reason, detail = check_query_features(q, 8)
+    assert reason == "invalid" and "[1]" in detail
+    reason, detail = check_query_features(np.ones((2, 8), np.float32), 9)
+    assert reason == "shape" and "takes 9" in detail
 
 
 # ------------------------------------------------------------------------------------------ the learner

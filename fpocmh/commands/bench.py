@@ -6,13 +6,14 @@ import argparse
 
 from fpocmh.commands.registry import add_commands
 
-HELP = "run a benchmark (offline, stream, lifelong, pipeline) and print/write its table"
+HELP = "run a benchmark (offline, stream, lifelong, pipeline, query) and print/write its table"
 
 BENCHES = {
     "offline": "fpocmh_core.bench.offline",
     "stream": "fpocmh_core.bench.stream",
     "lifelong": "fpocmh_core.bench.lifelong",
     "pipeline": "consumers.bench",
+    "query": "consumers.bench_query",
 }
 
 

@@ -37,6 +37,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", metavar="DIR", help="version 0 from this checkpoint folder (fpocmh train)")
     parser.add_argument("--json", type=Path, help="also write the summary as JSON here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--query-shards",
+        type=int,
+        metavar="N",
+        help="query shards to start, each owning codes partitions (default: query.shards)",
+    )
+    parser.add_argument(
+        "--serve",
+        action="store_true",
+        help="after the replay, keep the stack up until Ctrl-C and print `fpocmh query` commands that reach it",
+    )
 
 
 def version_zero(cfg: Any, ds: Any, stream: Any) -> Path:
@@ -96,7 +107,7 @@ def probe_latency(client: Any, ds: Any, rows: Any, n: int, k: int = 100) -> dict
     """Round trips of ``n`` single queries sent one after another (alternating modality): ms p50/p99."""
     import numpy as np
 
-    from consumers.query import Query
+    from consumers.query_client import Query
     from fpocmh_core.records import Modality
 
     times = []
@@ -117,8 +128,8 @@ def stored_codes_map(cfg: Any, ds: Any, query_rows: Any, query_new: Any, metrics
     import collections
 
     from consumers.models import ModelFollower
-    from consumers.query import CodeStore
     from consumers.runtime import Runtime, TopicReader
+    from consumers.store import CodeStore
     from fpocmh_core import evaluation, schemas
     from fpocmh_core.records import Modality
     from producers.replay import query_groups
@@ -135,7 +146,7 @@ def stored_codes_map(cfg: Any, ds: Any, query_rows: Any, query_new: Any, metrics
         reader.close()
         models.close()
     store = CodeStore(cfg.bits)
-    store.upsert(list(latest.values()))
+    store.upsert_messages(list(latest.values()))
     if newest is None:
         raise TimeoutError(f"no model version on {cfg.topics.models} within 60 s")
     scores = {}
@@ -189,16 +200,34 @@ def metrics_line(cfg: Any) -> str:
     return "metrics: " + (", ".join(served) if served else "off (every metrics_port is 0)")
 
 
+def serve_until_stopped(cfg: Any, config_path: Path, roles: list[Any], stop: threading.Event, data: str | None) -> None:
+    """Keep the stack up for exploring it from another terminal until Ctrl-C (or a role dies)."""
+    base = f"python -m fpocmh query --config {config_path} --bootstrap {cfg.bootstrap_servers}"
+    if data:
+        base += f" --data {data}"
+    print(
+        "\nserving until Ctrl-C; from another terminal:\n"
+        f"  {base} --status\n"
+        f'  {base} --text "sunset beach clouds" -k 10\n'
+        f"  {base} --image-row 42 -k 10\n"
+        f"  {base} --text-row 42 -k 10 --consistency strong\n",
+        flush=True,
+    )
+    while not stop.wait(1.0):
+        for role in roles:
+            role.check_alive()
+
+
 def run(args: argparse.Namespace) -> int:
     from consumers import settings
     from consumers.kafka import connect, ensure_topics
     from consumers.metrics import Metrics
     from consumers.processes import RoleProcess
-    from consumers.query import QueryClient
+    from consumers.query_client import QueryClient
     from consumers.runtime import install_signal_handlers
     from fpocmh.commands.replay import load_protocol, score_printer
     from fpocmh_core.data import load_dataset
-    from producers.replay import SCORE_KEYS, expected_codes, replay_stream, schedule
+    from producers.replay import expected_codes, replay_stream, schedule
 
     wall = time.monotonic()
     cfg = load_config(args, *replay_sets(args))
@@ -218,12 +247,20 @@ def run(args: argparse.Namespace) -> int:
         learner = dataclasses.replace(
             cfg.learner, checkpoint_dir=str(work / "learner"), init=str(v0), keep_checkpoints=1
         )
-        cfg = dataclasses.replace(cfg, learner=learner)
+        # The run's broker is new, so are its codes: snapshots of an earlier run's topic would not fit.
+        query = dataclasses.replace(cfg.query, snapshot_dir=str(work / "query-snapshots"))
+        cfg = dataclasses.replace(cfg, learner=learner, query=query)
         ensure_topics(cfg)
         config_path = settings.dump(cfg, work / "pipeline.yaml")
-        roles = [
-            RoleProcess(name, config_path, work / f"{name}.log").start()
-            for name in ("learn", "encode", "serve-queries")
+        shards = args.query_shards or cfg.query.shards
+        if shards > cfg.partitions.codes:
+            raise ValueError(f"--query-shards {shards}: at most partitions.codes = {cfg.partitions.codes}")
+        roles = [RoleProcess(name, config_path, work / f"{name}.log").start() for name in ("learn", "encode")]
+        roles += [
+            RoleProcess(
+                "serve-queries", config_path, work / f"query-{s}of{shards}.log", "--shard", f"{s}/{shards}"
+            ).start()
+            for s in range(shards)
         ]
         print(f"roles started (logs in {work}); bootstrap {cfg.bootstrap_servers}", flush=True)
         print(metrics_line(cfg), flush=True)
@@ -241,15 +278,42 @@ def run(args: argparse.Namespace) -> int:
                 return 130
             latency = probe_latency(client, ds, split.query, cfg.run.latency_probes)
             stored = stored_codes_map(cfg, ds, split.query, split.query_new, metrics)
-            dead = dead_letters_by_reason(cfg, metrics)
             stored["codes_expected"] = sum(expected_codes(schedule(ds, stream, cfg.replay.offline)))
+            dead = dead_letters_by_reason(cfg, metrics)
+            if args.serve:
+                summarize(args, cfg, work, stream, report, scores, stored, latency, dead, None, wall)
+                serve_until_stopped(cfg, config_path, roles, stop, args.data)
         except InterruptedError:
             print("interrupted")
             return 130
         finally:
             if client is not None:
                 client.close()
-            exits = {role.command: role.stop() for role in roles}
+            exits = {role.log_path.stem: role.stop() for role in roles}
+    if args.serve:
+        print(f"roles stopped; exit codes {exits}", flush=True)
+    else:
+        summarize(args, cfg, work, stream, report, scores, stored, latency, dead, exits, wall)
+    return 0
+
+
+def summarize(
+    args: argparse.Namespace,
+    cfg: Any,
+    work: Path,
+    stream: Any,
+    report: Any,
+    scores: list[Any],
+    stored: dict[str, Any],
+    latency: dict[str, float],
+    dead: dict[str, int],
+    exits: dict[str, int | None] | None,
+    wall: float,
+) -> None:
+    """Print the run's summary and write it to the work folder (and --json); ``exits``: None while the
+    roles still run (``--serve``)."""
+    from producers.replay import SCORE_KEYS
+
     lags = [s.catchup_s for s in scores]
     last = scores[-1]
     summary = {
@@ -277,7 +341,6 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2))
-    return 0
 
 
 def print_summary(s: dict[str, Any], rate_line: str) -> None:
@@ -298,7 +361,8 @@ def print_summary(s: dict[str, Any], rate_line: str) -> None:
         f"{lat['queries']} round trips)",
         f"  dead letters      {s['faults']['dead_letters'] or 'none'}"
         + (f" (fault drill sent {s['faults']['bad_sent']})" if s["faults"]["bad_sent"] else ""),
-        f"  roles             exit codes {s['faults']['role_exit_codes']}",
+        "  roles             "
+        + (f"exit codes {s['faults']['role_exit_codes']}" if s["faults"]["role_exit_codes"] else "running"),
         f"  wall time         {s['wall_s']:.0f} s",
     ]
     if "i2t_new" in stored:

@@ -1,0 +1,364 @@
+"""``fpocmh bench query``: the sharded query tier on synthetic codes, measured in one run.
+
+Per store size (default 10^6 and 10^7 random 64-bit text codes):
+
+1. Memory: resident-set growth while a :class:`~consumers.store.ModalStore` takes the codes in
+   batches of 20,000 (ids, codes and the id lookup, all included), per code.
+2. The codes go to a codes topic of their own (round-robin over its partitions); one in-process
+   shard reader (:class:`~consumers.code_log.CodeLog` + store, as the role runs them) reads them all:
+   the catch-up rate, codes/s.
+3. Snapshots: each shard layout's snapshots are written from the same codes, with the offsets the
+   topic holds; restart time = loading the whole-store snapshot (CRC check included), and the time
+   from starting a shard process to its first answer.
+4. For 1, 2 and 4 shards: shard processes start from their snapshots, then rounds of sequential
+   top-100 image queries through Kafka: round trip p50/p99, and the slowest shard's in-process search
+   time per query. The merged answers of the first queries are compared with one in-process store's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HELP = "query tier benchmark: bytes/code, catch-up, snapshot restart, p50/p99 over 1/2/4 shards, exact merge"
+
+log = logging.getLogger(__name__)
+
+BATCH = 20_000
+CHECKED_QUERIES = 20
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from fpocmh.commands.pipeline_args import add_pipeline_arguments
+    from fpocmh_core.bench.report import add_common_arguments
+
+    add_common_arguments(parser)
+    add_pipeline_arguments(parser)
+    parser.add_argument("--sizes", type=float, nargs="+", default=[1e6, 1e7], help="stored codes per measurement")
+    parser.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4], help="shard counts to compare")
+    parser.add_argument("--probes", type=int, default=300, help="sequential top-100 queries per round")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds per shard count; the best p99 is reported")
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/bench_query"), help="snapshots and role logs")
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def synthetic(size: int, bits: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Item ids 0..size-1 and uniformly random codes."""
+    rng = np.random.default_rng(seed)
+    return np.arange(size, dtype=np.int64), rng.integers(0, 256, (size, bits // 8), dtype=np.uint8)
+
+
+def bytes_per_code(ids: np.ndarray, codes: np.ndarray) -> float:
+    """Resident growth per code while a store takes ``codes`` in batches (shuffled: ids arrive unordered)."""
+    from consumers.store import ModalStore
+
+    order = np.random.default_rng(1).permutation(ids.size)
+    shuffled_ids, shuffled_codes = ids[order], codes[order]
+    gc.collect()
+    before = rss_bytes()
+    store = ModalStore(codes.shape[1] * 8)
+    for i in range(0, ids.size, BATCH):
+        store.upsert(shuffled_ids[i : i + BATCH], shuffled_codes[i : i + BATCH])
+    store.compact()
+    gc.collect()
+    grown = rss_bytes() - before
+    del store
+    return grown / ids.size
+
+
+def produce_codes(cfg: Any, ids: np.ndarray, codes: np.ndarray, metrics: Any) -> dict[int, int]:
+    """Text code records round-robin over the codes partitions; the message count per partition."""
+    from consumers.kafka import partitions_of
+    from consumers.runtime import Runtime
+    from fpocmh_core import schemas
+
+    rt = Runtime(cfg, "replay", metrics, producer_props={"linger.ms": 100, "batch.size": cfg.message_max_bytes})
+    partitions = partitions_of(rt.producer, cfg.topics.codes)
+    rows = np.zeros(ids.size, schemas.code_row_dtype(cfg.bits))
+    rows["item_id"], rows["modality"], rows["present"] = ids, 1, 2
+    rows["bits"], rows["code"] = cfg.bits, codes
+    size = rows.dtype.itemsize
+    for start in range(0, ids.size, 100_000):
+        chunk = rows[start : start + 100_000].tobytes()
+        for j in range(len(chunk) // size):
+            item = start + j
+            rt.produce(
+                cfg.topics.codes,
+                chunk[j * size : (j + 1) * size],
+                key=b"%d:txt" % item,
+                headers=schemas.CODE_HEADERS,
+                partition=partitions[item % len(partitions)],
+            )
+        rt.producer.poll(0)
+    rt.flush()
+    return {p: len(range(i, ids.size, len(partitions))) for i, p in enumerate(partitions)}
+
+
+def catch_up(cfg: Any, partitions: list[int], expected: int, metrics: Any) -> float:
+    """codes/s for one in-process reader + store taking every partition from the beginning."""
+    from consumers.code_log import CodeLog
+    from consumers.runtime import Runtime
+    from consumers.store import CodeStore
+
+    rt = Runtime(cfg, "query", metrics)
+    reader = CodeLog(rt, cfg.topics.codes, partitions)
+    store = CodeStore(cfg.bits)
+    start = time.perf_counter()
+    try:
+        while sum(store.counts) < expected:
+            store.upsert_rows(reader.poll(cfg.query.codes_batch_size, 1.0))
+            if time.perf_counter() - start > 900:
+                raise TimeoutError(f"catch-up read {sum(store.counts)} of {expected} codes in 900 s")
+    finally:
+        reader.close()
+    return expected / (time.perf_counter() - start)
+
+
+def write_snapshots(
+    cfg: Any, ids: np.ndarray, codes: np.ndarray, ends: dict[int, int], shards: int
+) -> tuple[float, float]:
+    """Every shard's snapshot for ``shards`` shards; (seconds to write, seconds to load shard 0's)."""
+    from consumers.shards import ShardSpec
+    from consumers.snapshots import SnapshotDir, shard_dir
+    from consumers.store import CodeStore
+    from fpocmh_core.records import Modality
+
+    partitions = sorted(ends)
+    written = 0.0
+    for s in range(shards):
+        spec = ShardSpec(s, shards)
+        owned = spec.owns(partitions)
+        mine = np.isin(np.array(partitions)[ids % len(partitions)], owned)
+        store = CodeStore(cfg.bits)
+        store.modal[Modality.TEXT].load(ids[mine], codes[mine])
+        snaps = SnapshotDir(
+            shard_dir(cfg.query.snapshot_dir, cfg.topics.codes, s, shards), cfg.topics.codes, owned, cfg.bits
+        )
+        start = time.perf_counter()
+        snaps.write(store, {p: ends[p] for p in owned}, {0})
+        written += time.perf_counter() - start
+        del store
+    snaps = SnapshotDir(
+        shard_dir(cfg.query.snapshot_dir, cfg.topics.codes, 0, shards),
+        cfg.topics.codes,
+        ShardSpec(0, shards).owns(partitions),
+        cfg.bits,
+    )
+    gc.collect()
+    start = time.perf_counter()
+    if snaps.load_newest(CodeStore(cfg.bits)) is None:
+        raise RuntimeError(f"the snapshot just written under {snaps.path} did not load")
+    return written, time.perf_counter() - start
+
+
+def fresh_request_topics(cfg: Any, tag: str) -> Any:
+    """``cfg`` with queries and results topics of its own (created), the codes topic unchanged."""
+    import dataclasses
+
+    from consumers.kafka import ensure_topics
+
+    topics = dataclasses.replace(
+        cfg.topics, queries=f"{cfg.topics.queries}.{tag}", results=f"{cfg.topics.results}.{tag}"
+    )
+    cfg = dataclasses.replace(cfg, topics=topics)
+    ensure_topics(cfg)
+    return cfg
+
+
+def serve(cfg: Any, shards: int, work: Path, size: int, stop: threading.Event) -> tuple[list[Any], float]:
+    """``shards`` shard processes, started from their snapshots; (roles, seconds to the first full answer)."""
+    from consumers import settings
+    from consumers.processes import RoleProcess
+    from consumers.query_client import QueryClient
+
+    config_path = settings.dump(cfg, work / f"query{size}-{shards}.yaml")
+    start = time.perf_counter()
+    roles = [
+        RoleProcess(
+            "serve-queries", config_path, work / f"query{size}-s{s}of{shards}.log", "--shard", f"{s}/{shards}"
+        ).start()
+        for s in range(shards)
+    ]
+    with QueryClient(cfg, stop=stop) as client:
+        deadline = time.monotonic() + 600
+        while True:
+            for role in roles:
+                role.check_alive()
+            try:
+                status = client.status(timeout_s=2)
+                if status.status == "ok" and status.store_codes[1] >= size:
+                    return roles, time.perf_counter() - start
+            except TimeoutError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{shards} shard(s) did not serve {size} codes within 600 s")
+
+
+def probe(
+    cfg: Any, q_features: np.ndarray, probes: int, repeats: int, expected: tuple[np.ndarray, np.ndarray]
+) -> dict[str, Any]:
+    from consumers.query_client import Query, QueryClient
+    from fpocmh_core.records import Modality
+
+    rounds, searched, equal, lost = [], [], True, 0
+    with QueryClient(cfg) as client:
+        for i in range(CHECKED_QUERIES):
+            answer = client.search(Query(q_features[i], Modality.IMAGE, 100))
+            equal &= bool(
+                np.array_equal(answer.ids[0], expected[1][i]) and np.array_equal(answer.distances[0], expected[0][i])
+            )
+        for _ in range(repeats):
+            times = []
+            for i in range(probes):
+                start = time.perf_counter()
+                try:
+                    answer = client.search(Query(q_features[i % len(q_features)], Modality.IMAGE, 100))
+                except TimeoutError as exc:  # counted, and in the percentiles at the full timeout
+                    log.warning("probe %d: %s", i, exc)
+                    lost += 1
+                else:
+                    searched.append(answer.search_seconds)
+                times.append(time.perf_counter() - start)
+            ms = 1e3 * np.array(times)
+            rounds.append((float(np.percentile(ms, 50)), float(np.percentile(ms, 99))))
+    best = min(rounds, key=lambda r: r[1])
+    return {
+        "p50_ms": best[0],
+        "p99_ms": best[1],
+        "rounds_p50_p99_ms": rounds,
+        # hashing + search in the slowest shard, median over all probes
+        "search_ms": float(1e3 * np.median(searched)),
+        "merge_equal": equal,
+        # round trips without every shard's answer within query.client_timeout_s
+        "answers_lost": lost,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import faiss
+    from confluent_kafka.admin import AdminClient
+    from prometheus_client import CollectorRegistry
+
+    from consumers.bench import model_state, publish, tagged
+    from consumers.kafka import admin_config, connect, ensure_topics
+    from consumers.metrics import Metrics
+    from consumers.store import CodeStore, return_freed_arrays_to_os
+    from fpocmh.commands.pipeline_args import load_config
+    from fpocmh_core.bench.report import format_table, write_json
+    from fpocmh_core.data import load_dataset
+    from fpocmh_core.learners.base import model_from_state
+    from fpocmh_core.records import Modality
+
+    if len(args.bits) != 1:
+        raise ValueError("bench query measures one code length at a time")
+    cfg = load_config(args, f"bits={args.bits[0]}")
+    if max(args.shards) > cfg.partitions.codes:
+        raise ValueError(f"{max(args.shards)} shards need partitions.codes >= {max(args.shards)}")
+    faiss.omp_set_num_threads(1)
+    return_freed_arrays_to_os()  # as the query role does
+    ds = load_dataset(args.data)
+    metrics = Metrics(CollectorRegistry())
+    work = args.work_dir / time.strftime("%Y%m%d-%H%M%S")
+    state = model_state(ds, cfg.bits)
+    model = model_from_state(state)
+    q_features = ds.image[: max(args.probes, CHECKED_QUERIES)]
+    q_codes = model.encode(q_features[:CHECKED_QUERIES], Modality.IMAGE)
+    stop = threading.Event()
+    sizes = [int(s) for s in sorted(args.sizes)]
+    summary: dict[str, Any] = {"bits": cfg.bits, "sizes": {}}
+    rounds: list[dict[str, Any]] = []
+    with connect(cfg, work) as cfg:
+        for size in sizes:
+            ids, codes = synthetic(size, cfg.bits, args.seed)
+            per_code = bytes_per_code(ids, codes)
+            print(f"{size:,} codes: {per_code:.1f} bytes per code resident (ids, codes, id lookup)", flush=True)
+            tag = f"q{size}-" + uuid.uuid4().hex[:6]
+            sized = tagged(cfg, tag)
+            sized = dataclasses.replace(
+                sized,
+                query=dataclasses.replace(
+                    sized.query, snapshot_dir=str(work / "snapshots"), snapshot_every_codes=10**12
+                ),
+            )
+            ensure_topics(sized)
+            publish(sized, state, metrics)
+            start = time.perf_counter()
+            ends = produce_codes(sized, ids, codes, metrics)
+            produce_s = time.perf_counter() - start
+            rate = catch_up(sized, sorted(ends), size, metrics)
+            print(f"  produced in {produce_s:.0f} s; catch-up read {rate:,.0f} codes/s", flush=True)
+            single = CodeStore(cfg.bits)
+            single.modal[Modality.TEXT].load(ids, codes)
+            expected = single.search(q_codes, Modality.TEXT, 100)
+            del single
+            row: dict[str, Any] = {"bytes_per_code": per_code, "catchup_codes_per_s": rate, "produce_s": produce_s}
+            for shards in sorted(args.shards):
+                write_s, load_s = write_snapshots(sized, ids, codes, ends, shards)
+                if shards == 1:
+                    row["snapshot_write_s"], row["restart_seconds"] = write_s, load_s
+                # Fresh request and answer topics per layout: a new shard group would otherwise first
+                # answer the previous layout's requests (those younger than query.max_request_age_s).
+                layout = fresh_request_topics(sized, f"{tag}-{shards}")
+                roles, ready_s = serve(layout, shards, work, size, stop)
+                try:
+                    measured = probe(layout, q_features, args.probes, args.repeats, expected)
+                finally:
+                    for role in roles:
+                        role.stop()
+                rounds.append(
+                    {
+                        "codes": size,
+                        "shards": shards,
+                        "ready_s": ready_s,
+                        "snapshot_load_s": load_s,
+                        **measured,
+                    }
+                )
+                print(
+                    f"  {shards} shard(s): p50 {measured['p50_ms']:.1f} ms, p99 {measured['p99_ms']:.1f} ms, "
+                    f"search {measured['search_ms']:.1f} ms, ready {ready_s:.1f} s after start, "
+                    f"{measured['answers_lost']} answers lost, "
+                    f"merge equal {measured['merge_equal']}",
+                    flush=True,
+                )
+            summary["sizes"][str(size)] = row
+            del ids, codes
+            # The embedded broker keeps every message in memory: drop this size's codes before the next.
+            admin = AdminClient(admin_config(sized))
+            admin.delete_topics([sized.topics.codes])[sized.topics.codes].result(60)
+    largest = summary["sizes"][str(sizes[-1])]
+    one = {r["codes"]: r["p99_ms"] for r in rounds if r["shards"] == 1}
+    two = {r["codes"]: r["p99_ms"] for r in rounds if r["shards"] == 2}
+    summary.update(
+        bytes_per_code=max(s["bytes_per_code"] for s in summary["sizes"].values()),
+        catchup_codes_per_s=largest["catchup_codes_per_s"],
+        restart_seconds=largest.get("restart_seconds"),
+        merge_equal=all(r["merge_equal"] for r in rounds),
+        p99_two_over_one={str(n): two[n] / one[n] for n in one if n in two},
+        rounds=rounds,
+    )
+    print()
+    columns = ["codes", "shards", "p50_ms", "p99_ms", "search_ms", "ready_s", "answers_lost", "merge_equal"]
+    print(format_table(rounds, columns))
+    print(
+        f"bytes/code {summary['bytes_per_code']:.1f}; catch-up {summary['catchup_codes_per_s']:,.0f} codes/s; "
+        f"restart from snapshot {summary['restart_seconds']:.2f} s at {sizes[-1]:,} codes; "
+        f"p99 2 shards / 1: {summary['p99_two_over_one']}"
+    )
+    write_json(args.json, rounds, **summary)
+    return 0
