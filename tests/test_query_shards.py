@@ -4,7 +4,6 @@ restore exactly what a fresh read holds, consistency bounds, silent shards, a re
 from __future__ import annotations
 
 import dataclasses
-import os
 import threading
 
 import numpy as np
@@ -219,10 +218,7 @@ def test_a_shard_whose_codes_topic_was_recreated_rebuilds_instead_of_serving_los
     assert rebuilds == 1
 
 
-@pytest.mark.skipif(
-    not os.environ.get("FPOCMH_TEST_BROKER"),
-    reason="needs exact high watermarks from ListOffsets (Apache Kafka); tansu reports the newest batch's start + 1",
-)
+@pytest.mark.requires_kafka("watermarks")
 def test_strong_consistency_sees_every_code_on_the_topic_when_the_request_is_sent(cfg, model, mirflickr):
     produce_codes(cfg, model, mirflickr, np.arange(200))
     with RoleThread(run_query, cfg), QueryClient(cfg) as client:
