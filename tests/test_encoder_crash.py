@@ -76,14 +76,19 @@ def finish(cfg, config_path, log_path, keys) -> list[schemas.CodeMessage]:
     return everything(cfg)
 
 
+def waiting_stream(cfg, mirflickr, p1, p1_config, chunk: int, n: int) -> set[bytes]:
+    """Version 0 published and ``n`` arrivals of ``chunk`` waiting on the topic; the keys they must get."""
+    records = p1_chunk_records(mirflickr, p1, p1_config, chunk)[:n]
+    publish(cfg, checked_model_state(mirflickr, cfg.bits, version=0))
+    produce_arrivals(cfg, records)
+    return {schemas.code_key(r.item_id, m) for r in records for m in r.modalities}
+
+
 def test_a_kill_between_produce_and_commit_with_a_version_change_in_between_leaves_one_code_per_key(
     crash_cfg, mirflickr, p1, p1_config, tmp_path
 ):
     cfg, config_path = crash_cfg
-    records = p1_chunk_records(mirflickr, p1, p1_config, 0)[:400]
-    keys = {schemas.code_key(r.item_id, m) for r in records for m in r.modalities}
-    publish(cfg, checked_model_state(mirflickr, cfg.bits, version=0))
-    produce_arrivals(cfg, records)
+    keys = waiting_stream(cfg, mirflickr, p1, p1_config, 0, 400)
     log_path = tmp_path / "encoder.log"
     kill_at(config_path, log_path, "encoder.before_commit:3")
     before = everything(cfg)
@@ -105,10 +110,7 @@ def test_twenty_kills_inside_batches_over_one_replay_with_versions_changing_lose
     crash_cfg, mirflickr, p1, p1_config, tmp_path
 ):
     cfg, config_path = crash_cfg
-    records = p1_chunk_records(mirflickr, p1, p1_config, 1)[:1600]
-    keys = {schemas.code_key(r.item_id, m) for r in records for m in r.modalities}
-    publish(cfg, checked_model_state(mirflickr, cfg.bits, version=0))
-    produce_arrivals(cfg, records)
+    keys = waiting_stream(cfg, mirflickr, p1, p1_config, 1, 1600)
     log_path = tmp_path / "encoder.log"
     version = 0
     for kill in range(20):
