@@ -288,7 +288,14 @@ def run_query(
         )
         consumer = make_consumer(cfg, "query", shard.group(cfg.query.group), cfg.query.fetch_wait_max_ms)
         consumer.subscribe([cfg.topics.queries])
-        rt.run(consumer, service, cfg.query.batch_size, cfg.query.poll_timeout_s, before_close=service.snapshot)
+        rt.run(
+            consumer,
+            service,
+            cfg.query.batch_size,
+            cfg.query.poll_timeout_s,
+            before_close=service.snapshot,
+            async_commit=True,
+        )
     finally:
         metrics.store_ready.set(0)
         if service is not None:

@@ -382,13 +382,17 @@ class Runtime:
         for item in batch:
             self._process(handler, [item])
 
-    def _batch(self, consumer: Consumer, handler: Handler, msgs: list[Message], commit: bool) -> None:
+    def _batch(
+        self, consumer: Consumer, handler: Handler, msgs: list[Message], commit: bool, async_commit: bool = False
+    ) -> None:
         batch = self.decode_all(msgs, handler.decode)
         if batch:
             self._process(handler, batch)
         self.flush()
         faults.point(f"{self.role}.before_commit")
-        if commit:
+        if commit and async_commit:
+            consumer.commit(offsets=next_offsets(msgs), asynchronous=True)
+        elif commit:
             self.commit(consumer, next_offsets(msgs))
         consumed = getattr(handler, "consumed", None)
         if consumed is not None:
@@ -476,8 +480,12 @@ class Runtime:
         commit: bool = True,
         before_close: Callable[[], None] | None = None,
         fill_batches: bool = False,
+        async_commit: bool = False,
     ) -> None:
         """Poll until the stop flag is set, then call ``before_close`` and close the consumer.
+
+        ``async_commit`` for a role whose redone batch is harmless (queries: a second answer is ignored by
+        its correlation id), so no batch waits for the coordinator's round trip.
 
         With ``commit=False`` the handler commits (the learner, after its checkpoints). With
         ``fill_batches`` a poll waits up to ``poll_timeout_s`` for a full batch (throughput roles:
@@ -497,7 +505,7 @@ class Runtime:
                     if self.transactional:
                         self._transaction(consumer, handler, msgs)
                     else:
-                        self._batch(consumer, handler, msgs, commit)
+                        self._batch(consumer, handler, msgs, commit, async_commit)
                     self.metrics.batch_duration.labels(self.role).observe(time.perf_counter() - start)
                 self.update_lag(consumer)
             if before_close is not None:
