@@ -75,7 +75,7 @@ def topic_when(cfg, topic: str, done, what: str, timeout_s: float = 60.0) -> lis
 
 def store_of(cfg, codes: list[schemas.CodeMessage]) -> dict[Modality, dict[int, bytes]]:
     store = CodeStore(cfg.bits)
-    store.upsert(codes)
+    store.upsert_messages(codes)
     out = {}
     for modality in Modality:
         ids, packed = store.codes(modality)
