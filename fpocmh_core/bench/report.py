@@ -9,8 +9,11 @@ import platform
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 def machine() -> dict[str, Any]:
@@ -36,12 +39,92 @@ def machine() -> dict[str, Any]:
     }
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, bits_default: Sequence[int] = (64,)) -> None:
+def add_common_arguments(
+    parser: argparse.ArgumentParser, bits_default: Sequence[int] = (64,), multi_seed: bool = False
+) -> None:
+    """The arguments every benchmark takes; ``multi_seed`` adds ``--seeds`` (read both with :func:`seeds`)."""
     parser.add_argument("--data", help="dataset file or folder (default: $FPOCMH_DATA, ./data, ../shared/data)")
     parser.add_argument("--bits", type=int, nargs="+", default=list(bits_default), help="code lengths")
     parser.add_argument("--json", type=Path, help="write the results as JSON to this file")
-    parser.add_argument("--seed", type=int, default=0, help="seed for splits and initialisation")
+    group = parser.add_mutually_exclusive_group() if multi_seed else parser
+    group.add_argument("--seed", type=int, default=0, help="seed for splits and initialisation")
+    if multi_seed:
+        group.add_argument(
+            "--seeds",
+            type=int,
+            nargs="+",
+            metavar="SEED",
+            help="run once per seed (each changes the split, the initialisation and the stream order) and "
+            "report mean and standard deviation over the seeds",
+        )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def seeds(args: argparse.Namespace) -> list[int]:
+    """The seeds to run: ``--seeds`` when given, else the single ``--seed``."""
+    return list(dict.fromkeys(getattr(args, "seeds", None) or [args.seed]))
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+def aggregate(rows: Iterable[Mapping[str, Any]], keys: Sequence[str], values: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per distinct ``keys`` tuple (first-seen order): ``value`` = mean, ``value_sd`` = sample sd,
+    ``runs`` = how many rows (seeds) went in."""
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in keys), []).append(row)
+    out = []
+    for key, group in groups.items():
+        cell: dict[str, Any] = dict(zip(keys, key, strict=True))
+        cell["runs"] = len(group)
+        for v in values:
+            cell[v], cell[f"{v}_sd"] = mean_sd([r[v] for r in group])
+        out.append(cell)
+    return out
+
+
+@dataclass(frozen=True)
+class Difference:
+    """``a - b`` paired over runs (same seed, so the same split): mean, sample sd and number of pairs."""
+
+    mean: float
+    sd: float
+    runs: int
+
+    @property
+    def exceeds_2sd(self) -> bool:
+        """|mean| > 2 sd, which needs at least two runs to mean anything."""
+        return self.runs > 1 and abs(self.mean) > 2 * self.sd
+
+    def __str__(self) -> str:
+        text = f"{self.mean:+.4f} ± {self.sd:.4f}"
+        if self.runs < 2:
+            return text
+        return f"{text} ({'>' if self.exceeds_2sd else 'not >'} 2 sd)"
+
+
+def paired_difference(
+    rows: Iterable[Mapping[str, Any]], select: str, a: str, b: str, pair_on: Sequence[str], value: str
+) -> Difference:
+    """Difference in ``value`` between the rows with ``select == a`` and ``select == b``, paired on ``pair_on``."""
+    by: dict[str, dict[tuple, float]] = {a: {}, b: {}}
+    for row in rows:
+        if row[select] in by:
+            by[row[select]][tuple(row[k] for k in pair_on)] = row[value]
+    common = [k for k in by[a] if k in by[b]]
+    if not common:
+        raise ValueError(f"no runs of both {a!r} and {b!r} to compare")
+    mean, sd = mean_sd([by[a][k] - by[b][k] for k in common])
+    return Difference(mean, sd, len(common))
+
+
+def format_mean_sd(row: Mapping[str, Any], value: str) -> str:
+    mean, sd = row[value], row[f"{value}_sd"]
+    return f"{mean:.4f}" if row.get("runs", 1) < 2 else f"{mean:.4f} ± {sd:.4f}"
 
 
 def format_table(rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> str:
