@@ -52,6 +52,7 @@ from fpocmh_core.bank import MODALITIES, AnchorBank, cosine, softmax
 from fpocmh_core.data import CrossModalDataset
 from fpocmh_core.learners import common
 from fpocmh_core.learners.base import LearnReport, OnlineLearner
+from fpocmh_core.learners.reservoir import CodeReservoir
 from fpocmh_core.nets import HashModel
 from fpocmh_core.records import ItemRecord, Modality
 from fpocmh_core.state import ModelState
@@ -64,15 +65,45 @@ _ABSENT = -1e9
 @dataclass(frozen=True)
 class CodeRehearsalConfig:
     """Stored-code rehearsal (see the module docstring): ``items`` offline items kept with their stored
-    codes, ``batch`` of them drawn at every optimiser step, their squared error weighted by ``weight``."""
+    codes, ``batch`` of them drawn at every optimiser step, their squared error weighted by ``weight``.
+    ``stream``: draw the batch from the reservoir (offline items, then arrivals) instead."""
 
     items: int
     batch: int
     weight: float
+    stream: bool
 
     def __post_init__(self) -> None:
         if self.items < 0 or self.batch < 1 or self.weight < 0:
             raise config.ConfigError("fpocmh: code_rehearsal needs items >= 0, batch >= 1, weight >= 0")
+
+
+@dataclass(frozen=True)
+class ReservoirConfig:
+    """The reservoir of items with their stored codes (learners/reservoir.py): ``items`` slots per modality
+    (0 = none); ``inferred``: arrivals without labels join it with the categories the bank gave them."""
+
+    items: int
+    inferred: bool
+
+    def __post_init__(self) -> None:
+        if self.items < 0:
+            raise config.ConfigError("fpocmh: reservoir.items must be >= 0")
+
+
+@dataclass(frozen=True)
+class PairwiseConfig:
+    """Pairwise term against stored codes (see the module docstring): each arrival is compared with ``sample``
+    reservoir codes of each modality, the same-modality ones weighted ``intra``; ``weight`` 0 = off."""
+
+    weight: float
+    intra: float
+    scale: float
+    sample: int
+
+    def __post_init__(self) -> None:
+        if self.weight < 0 or self.intra < 0 or self.sample < 1:
+            raise config.ConfigError("fpocmh: pairwise needs weight, intra >= 0 and sample >= 1")
 
 
 @dataclass(frozen=True)
@@ -91,15 +122,22 @@ class FpocmhConfig:
     gamma: float
     phi: float
     is_accessible_bank_count: int
+    lr_decay_steps: float
     code_rehearsal: CodeRehearsalConfig
+    reservoir: ReservoirConfig
+    pairwise: PairwiseConfig
     optimizer: common.OptimizerConfig
     offline: dict[str, Any]
 
     def __post_init__(self) -> None:
         if self.feature_space not in SPACES:
             raise config.ConfigError(f"fpocmh: feature_space must be one of {SPACES}, got {self.feature_space!r}")
+        if self.lr_decay_steps < 0:
+            raise config.ConfigError("fpocmh: lr_decay_steps must be >= 0 (0 = constant learning rate)")
         if self.mu < 1 or self.is_accessible_bank_count < 1:
             raise config.ConfigError("fpocmh: mu and is_accessible_bank_count must be >= 1")
+        if self.reservoir.items == 0 and (self.pairwise.weight > 0 or self.code_rehearsal.stream):
+            raise config.ConfigError("fpocmh: pairwise.weight > 0 and code_rehearsal.stream need reservoir.items > 0")
 
 
 def load_config(path: Path | str | None = None, overrides: Mapping[str, Any] | None = None) -> FpocmhConfig:
@@ -129,6 +167,9 @@ class _Targets:
     weight: float
     own_codes: np.ndarray
     other_codes: np.ndarray
+    # Pairwise term: reservoir codes (other modality's rows, then own), whether each is related, row weights.
+    pair_codes: np.ndarray | None = None
+    pair_related: np.ndarray | None = None
 
 
 class FpocmhLearner(OnlineLearner):
@@ -142,6 +183,7 @@ class FpocmhLearner(OnlineLearner):
         space: str,
         vocabulary: np.ndarray | None = None,
         replay: Mapping[Modality, tuple[np.ndarray, np.ndarray]] | None = None,
+        reservoir: CodeReservoir | None = None,
     ) -> None:
         super().__init__(model)
         if space not in ("separate", "joint"):
@@ -151,10 +193,17 @@ class FpocmhLearner(OnlineLearner):
         self.cfg, self.space, self.bank, self.vocabulary = cfg, space, bank, vocabulary
         # Per modality: (features, stored codes in {-1, 1}) of the stored-code rehearsal sample.
         self.replay = {m: (np.asarray(replay[m][0]), np.asarray(replay[m][1])) for m in MODALITIES} if replay else {}
+        if (cfg.reservoir.items > 0) != (reservoir is not None):
+            raise ValueError("a reservoir is needed exactly when reservoir.items > 0")
+        self.reservoir = reservoir
+        sample = cfg.pairwise.sample
+        # Row weights of the pairwise term: the other modality's sample (cross-modal), then the own one.
+        self.pair_weights = torch.tensor([1.0] * sample + [cfg.pairwise.intra] * sample) / sample
         self.model.eval()
         self.model.zero_grad(set_to_none=True)  # whatever offline training left behind is not online gradient
         lrs = {Modality.IMAGE: cfg.optimizer.lr_image, Modality.TEXT: cfg.optimizer.lr_text}
         self.optimizers = {m: cfg.optimizer.make(list(model.net(m).parameters()), lrs[m]) for m in MODALITIES}
+        self.base_lr = lrs
         self.window = {m: 0 for m in MODALITIES}
         self.steps = {m: 0 for m in MODALITIES}
         self.rng_state = common.seeded_rng_state(cfg.seed)
@@ -184,11 +233,21 @@ class FpocmhLearner(OnlineLearner):
         else:
             members = {m: zero_shot(feats[m], vocab, cfg.similarity_scale, cfg.theta) for m in MODALITIES}
         bank = AnchorBank.build(feats, relaxed, members, cfg.is_accessible_bank_count)
+        reservoir = None
+        if cfg.reservoir.items > 0:
+            n_categories = ds.labels.shape[1] if vocab is None else len(vocab)
+            dims = {m: feats[m].shape[1] for m in MODALITIES} if cfg.code_rehearsal.stream else None
+            reservoir = CodeReservoir(cfg.reservoir.items, model.bits, n_categories, cfg.seed, dims)
+            for m in MODALITIES:
+                for x, h, cats in zip(feats[m], relaxed[m], members[m], strict=True):
+                    if cats.any():
+                        reservoir.add(m, h, np.flatnonzero(cats), x)
         # Eval mode: the targets are the codes the offline model actually gave, without dropout noise.
         bank.set_rehearsal_targets(
             {m: codes.sign_codes(model.relaxed(bank.initial_feat[m], m)).astype(np.float32) for m in MODALITIES}
         )
-        return cls(model, bank, cfg, space, vocab, stored_code_sample(model, feats, cfg))
+        replay = {} if cfg.code_rehearsal.stream else stored_code_sample(model, feats, cfg)
+        return cls(model, bank, cfg, space, vocab, replay, reservoir)
 
     @classmethod
     def bootstrap(
@@ -212,6 +271,7 @@ class FpocmhLearner(OnlineLearner):
             "weight": 0.0,
             "rehearsal": 0.0,
             "replay": 0.0,
+            "pairwise": 0.0,
             "views": 0.0,
             "weighted": 0.0,
         }
@@ -233,8 +293,10 @@ class FpocmhLearner(OnlineLearner):
             "weight": totals["weight"] / max(totals["views"], 1.0),
             "rehearsal": totals["rehearsal"] / max(sum(report.steps.values()), 1),
         }
-        if self.replay:
+        if self.replay or self.cfg.code_rehearsal.stream:
             report.losses["replay"] = totals["replay"] / max(sum(report.steps.values()), 1)
+        if self.cfg.pairwise.weight > 0:
+            report.losses["pairwise"] = totals["pairwise"] / max(totals["weighted"], 1.0)
         return report
 
     def _step_points(self, items: list[ItemRecord]) -> list[tuple[int, tuple[Modality, ...]]]:
@@ -271,6 +333,8 @@ class FpocmhLearner(OnlineLearner):
             if tgt.weight > 0:  # a weight-0 item adds nothing to the loss or its gradient
                 pending[m].append(tgt)
             self.bank.observe(m, x, stored[m][i], cats)
+            if self.reservoir is not None and cats and (rec.labels is not None or self.cfg.reservoir.inferred):
+                self.reservoir.add(m, stored[m][i], cats, x)
             self.window[m] += 1
             totals["weight"] += tgt.weight
             totals["views"] += 1
@@ -300,7 +364,15 @@ class FpocmhLearner(OnlineLearner):
             weight = 1.0
         else:
             weight = 1.0 - cfg.phi
-        return cats, _Targets(x, q_intra, q_inter, weight, bank.code[m].copy(), bank.code[m.other].copy())
+        tgt = _Targets(x, q_intra, q_inter, weight, bank.code[m].copy(), bank.code[m.other].copy())
+        if self.cfg.pairwise.weight > 0 and weight > 0:
+            # Drawn now, keyed by how many items of this modality the reservoir has been offered: the same
+            # rows whether the arrival comes alone or in a micro-batch.
+            key, n = self.reservoir.seen[m], self.cfg.pairwise.sample
+            drawn = [self.reservoir.sample(src, 2 * key + (src is m), n, cats) for src in (m.other, m)]
+            tgt.pair_codes = np.concatenate([c for c, _ in drawn])
+            tgt.pair_related = np.concatenate([r for _, r in drawn])
+        return cats, tgt
 
     def _backward(self, m: Modality, tgts: list[_Targets], totals: dict[str, float], step: bool) -> float:
         """Gradient of the pending items' streaming loss (eq. 1) into network ``m``; on a step, plus rehearsal.
@@ -315,7 +387,7 @@ class FpocmhLearner(OnlineLearner):
         replay_codes = None
         if step:
             blocks.append(self.bank.initial_feat[m])
-            if self.replay:
+            if self.replay or self.cfg.code_rehearsal.stream:
                 replay_x, replay_codes = self._replay_batch(m)
                 blocks.append(replay_x)
         net.train()
@@ -338,6 +410,9 @@ class FpocmhLearner(OnlineLearner):
         loss.backward()
         tgts.clear()
         if step:
+            if self.cfg.lr_decay_steps > 0:  # lr / (1 + steps / lr_decay_steps): learn early, then settle
+                for group in self.optimizers[m].param_groups:
+                    group["lr"] = self.base_lr[m] / (1.0 + self.steps[m] / self.cfg.lr_decay_steps)
             self.optimizers[m].step()
             self.optimizers[m].zero_grad(set_to_none=True)
             self.window[m] = 0
@@ -345,7 +420,11 @@ class FpocmhLearner(OnlineLearner):
         return float(rehearsal.detach())
 
     def _replay_batch(self, m: Modality) -> tuple[np.ndarray, np.ndarray]:
-        """``code_rehearsal.batch`` rows of the stored-code sample, drawn with the learner's own RNG."""
+        """``code_rehearsal.batch`` rows of the stored-code sample (or of the reservoir), drawn with the
+        learner's own RNG."""
+        if self.cfg.code_rehearsal.stream:
+            take = torch.randperm(self.reservoir.size(m))[: self.cfg.code_rehearsal.batch].numpy()
+            return self.reservoir.rehearsal(m, take)
         feats, stored = self.replay[m]
         take = torch.randperm(len(feats))[: self.cfg.code_rehearsal.batch].numpy()
         return feats[take], stored[take].astype(np.float32)
@@ -378,7 +457,20 @@ class FpocmhLearner(OnlineLearner):
         totals["intra"] += float(intra.detach().sum())
         totals["inter"] += float(inter.detach().sum())
         totals["weighted"] += len(tgts)
-        return (weight * (self.cfg.alpha * intra + self.cfg.beta * inter)).sum() / self.cfg.mu
+        per_item = self.cfg.alpha * intra + self.cfg.beta * inter
+        if self.cfg.pairwise.weight > 0:
+            pairwise = self._pairwise_loss(out, tgts)
+            totals["pairwise"] += float(pairwise.detach().sum())
+            per_item = per_item + self.cfg.pairwise.weight * pairwise
+        return (weight * per_item).sum() / self.cfg.mu
+
+    def _pairwise_loss(self, out: torch.Tensor, tgts: list[_Targets]) -> torch.Tensor:
+        """Per item: DCMH's pairwise likelihood of the item's code against its reservoir rows' stored codes,
+        theta = scale * <h, b> / bits, related = a shared category; rows weighted by ``pair_weights``."""
+        stored = torch.from_numpy(np.stack([t.pair_codes for t in tgts]))
+        related = torch.from_numpy(np.stack([t.pair_related for t in tgts]))
+        theta = self.cfg.pairwise.scale * torch.einsum("nc,nrc->nr", out, stored) / self.bits
+        return ((F.softplus(theta) - related * theta) * self.pair_weights).sum(dim=1)
 
     # ----------------------------------------------------------------- state
     def export_state(self) -> ModelState:
@@ -388,6 +480,8 @@ class FpocmhLearner(OnlineLearner):
             tensors.update(common.grad_tensors(self.model.net(m), f"grad.{m.short}"))
         if self.vocabulary is not None:
             tensors["vocabulary"] = self.vocabulary
+        if self.reservoir is not None:
+            tensors.update(self.reservoir.tensors("reservoir"))
         for m, (feats, stored) in self.replay.items():
             tensors[f"replay.feat.{m.short}"] = feats
             tensors[f"replay.code.{m.short}"] = stored
@@ -403,7 +497,15 @@ class FpocmhLearner(OnlineLearner):
     @classmethod
     def from_state(cls, state: ModelState) -> FpocmhLearner:
         # States written before stored-code rehearsal existed learnt without it, and keep doing so.
-        saved = {"code_rehearsal": {"items": 0, "batch": 1, "weight": 0.0}, **state.meta["config"]}
+        # States written before the pairwise term existed learn without it.
+        saved = {
+            "code_rehearsal": {"items": 0, "batch": 1, "weight": 0.0},
+            "reservoir": {"items": 0, "inferred": False},
+            "lr_decay_steps": 0.0,
+            "pairwise": {"weight": 0.0, "intra": 0.0, "scale": 1.0, "sample": 1},
+            **state.meta["config"],
+        }
+        saved["code_rehearsal"] = {"stream": False, **saved["code_rehearsal"]}
         cfg = config.build(FpocmhConfig, saved, "fpocmh state")
         model = HashModel.from_tensors(state.meta["arch"], state.subset("model"))
         bank = AnchorBank.from_tensors(state.subset("bank"), cfg.is_accessible_bank_count)
@@ -413,7 +515,8 @@ class FpocmhLearner(OnlineLearner):
             for m in MODALITIES
             if f"replay.feat.{m.short}" in state.tensors
         }
-        learner = cls(model, bank, cfg, state.meta["feature_space"], vocab, replay)
+        reservoir = CodeReservoir.from_tensors(state.subset("reservoir"), cfg.seed) if cfg.reservoir.items else None
+        learner = cls(model, bank, cfg, state.meta["feature_space"], vocab, replay, reservoir)
         for m in MODALITIES:
             common.load_optimizer_tensors(learner.optimizers[m], state.subset(f"optim.{m.short}"))
             common.load_grad_tensors(model.net(m), state.subset(f"grad.{m.short}"))
