@@ -388,7 +388,7 @@ def run(args: argparse.Namespace) -> int:
         for bits in args.bits:
             shares = results[0]
             title = (
-                f"P1 stream, {ds.name}, {bits} bits, offline share {shares['offline_share']}, "
+                f"P1 stream, {ds.name}, {bits} bits\noffline share {shares['offline_share']}, "
                 f"label share {shares['label_share']}, unimodal share {shares['unimodal_share']}"
                 + (f", mean of seeds {seeds}" if len(seeds) > 1 else "")
             )
