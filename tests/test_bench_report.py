@@ -60,7 +60,8 @@ def final_record(method: str, seed: int, i2t: float, rehashed: float) -> list[di
     last = {"i2t": i2t, "t2i": i2t, "i2t_rehashed": rehashed, "t2i_rehashed": rehashed, "drift": 0.0}
     first = {k: 0.0 for k in last}
     return [
-        {"method": method, "seed": seed, "chunk": c, "seconds": 1.0, **values} for c, values in ((0, first), (1, last))
+        {"method": method, "seed": seed, "chunk": c, "seconds": 1.0, "items": 500, **values}
+        for c, values in ((0, first), (1, last))
     ]
 
 
@@ -71,7 +72,8 @@ def test_stream_seed_summary_reports_the_last_chunk_and_fpocmh_differences():
         results += final_record("fpocmh", seed, 0.72 + noise, 0.73 + noise)
     text = stream.seed_summary(results)
     assert "0.7003 ± 0.0015" in text  # frozen's mean and sd over the three seeds, after the last chunk
-    assert "2.0000 ± 0.0000" in text  # learner seconds summed over the chunks of each seed
+    # Per method: 2 learner seconds summed over the two chunks, and 2 ms per arrival over their 1,000 arrivals.
+    assert text.count("2.0000 ± 0.0000") == 4
     assert "fpocmh - frozen, stored codes: I->T +0.0200 ± 0.0000 (> 2 sd)" in text
     assert "fpocmh stored - re-hashed: I->T -0.0100 ± 0.0000" in text
     assert "naive" not in text

@@ -330,16 +330,28 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-SEED_VALUES = ("i2t", "t2i", "i2t_rehashed", "t2i_rehashed", "drift", "total_seconds")
+SEED_VALUES = ("i2t", "t2i", "i2t_rehashed", "t2i_rehashed", "drift", "total_seconds", "stream_ms_per_item")
 
 
 def _final_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per method and seed: the last chunk's record, with the learner's seconds over the whole stream."""
+    """Per method and seed: the last chunk's record, with the learner's seconds (and ms per arrival) over
+    the whole stream."""
     last = max(r["chunk"] for r in results)
-    totals: dict[tuple[str, int], float] = {}
+    seconds: dict[tuple[str, int], float] = {}
+    items: dict[tuple[str, int], int] = {}
     for r in results:
-        totals[r["method"], r["seed"]] = totals.get((r["method"], r["seed"]), 0.0) + r["seconds"]
-    return [{**r, "total_seconds": totals[r["method"], r["seed"]]} for r in results if r["chunk"] == last]
+        key = r["method"], r["seed"]
+        seconds[key] = seconds.get(key, 0.0) + r["seconds"]
+        items[key] = items.get(key, 0) + r.get("items", 0)
+    return [
+        {
+            **r,
+            "total_seconds": seconds[r["method"], r["seed"]],
+            "stream_ms_per_item": 1000.0 * seconds[r["method"], r["seed"]] / max(items[r["method"], r["seed"]], 1),
+        }
+        for r in results
+        if r["chunk"] == last
+    ]
 
 
 def seed_summary(results: list[dict[str, Any]]) -> str:
