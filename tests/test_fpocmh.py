@@ -77,10 +77,13 @@ def ds() -> CrossModalDataset:
 
 OFFLINE = np.arange(120)
 STREAM = np.arange(120, 240)
-# Learning rates at which the networks move a lot on these streams, so that what holds codes shows.
-FAST = {"optimizer.lr_image": 0.2, "optimizer.lr_text": 0.2}
-REAL_FAST = {"optimizer.lr_image": 0.05, "optimizer.lr_text": 0.05}
-NO_CODE_REHEARSAL = {"code_rehearsal.items": 0}
+# Learning rates at which the networks move a lot on these streams, so that what holds codes shows
+# (constant: the schedule's boost would multiply them).
+CONSTANT_LR = {"lr_schedule.start": 1.0, "lr_schedule.decay_steps": 0}
+FAST = {"optimizer.lr_image": 0.2, "optimizer.lr_text": 0.2, **CONSTANT_LR}
+REAL_FAST = {"optimizer.lr_image": 0.05, "optimizer.lr_text": 0.05, **CONSTANT_LR}
+OFFLINE_SAMPLE = {"code_rehearsal.stream": False}  # rehearse the fixed offline sample, not the reservoir
+NO_CODE_REHEARSAL = {"code_rehearsal.items": 0, **OFFLINE_SAMPLE}
 NO_PAIRWISE = {"pairwise.weight": 0.0}
 STREAM_REHEARSAL = {"code_rehearsal.stream": True}
 
@@ -167,7 +170,7 @@ def test_a_paired_item_counts_towards_both_windows(ds):
     assert learner.learn(pairs).steps == {"img": 1, "txt": 1}
 
 
-@pytest.mark.parametrize("overrides", [{}, STREAM_REHEARSAL], ids=["default", "stream-rehearsal"])
+@pytest.mark.parametrize("overrides", [{}, OFFLINE_SAMPLE], ids=["default", "offline-sample-rehearsal"])
 def test_micro_batch_equals_item_by_item(ds, overrides):
     stream = unimodal_stream(ds, STREAM[:30])
     stream[7] = ItemRecord(stream[7].item_id, stream[7].image, ds.text[stream[7].item_id], None)  # a pair
@@ -187,6 +190,19 @@ def test_micro_batch_equals_item_by_item(ds, overrides):
         np.testing.assert_array_equal(batched.reservoir.codes[m], single.reservoir.codes[m])
     assert batched.steps == single.steps and batched.steps[IMG] > 3
     assert batched.reservoir.seen[IMG] > 100
+
+
+def test_the_learning_rate_starts_at_start_times_lr_and_decays_with_each_modalitys_own_steps(ds):
+    schedule = {"lr_schedule.start": 4.0, "lr_schedule.decay_steps": 2.0}
+    learner = make_learner(ds, OFFLINE, mu=2, **schedule)
+    base = learner.cfg.optimizer.lr_image
+    images = [r for r in unimodal_stream(ds, STREAM) if r.image is not None][:6]
+    assert learner.learn(images).steps == {"img": 3, "txt": 0}
+    # Steps 0, 1 and 2 ran at 4, 4 / 1.5 and 4 / 2 times the rate; the text network has not stepped yet.
+    assert learner.optimizers[IMG].param_groups[0]["lr"] == pytest.approx(base * 4.0 / 2.0)
+    assert learner.optimizers[TXT].param_groups[0]["lr"] == pytest.approx(learner.cfg.optimizer.lr_text)
+    constant = {"lr_schedule.start": 3.0, "lr_schedule.decay_steps": 0}
+    assert load_config(overrides=constant).lr_schedule.factor(100) == 3.0
 
 
 def test_an_item_without_category_weighs_zero_and_sends_no_gradient(ds):
@@ -247,7 +263,7 @@ def test_gamma_weighs_the_rehearsal_loss(ds):
 
 
 def test_stored_code_sample_is_a_seeded_offline_sample_with_the_codes_the_offline_model_stored(ds):
-    model, first, second = twice_from_one_model(ds, **{"code_rehearsal.items": 50})
+    model, first, second = twice_from_one_model(ds, **{"code_rehearsal.items": 50, **OFFLINE_SAMPLE})
     for m in MODALITIES:
         feats, stored = first.replay[m]
         assert feats.shape == (50, ds.dims[m is TXT]) and stored.shape == (50, 16)
@@ -257,7 +273,7 @@ def test_stored_code_sample_is_a_seeded_offline_sample_with_the_codes_the_offlin
     sample = first.replay[IMG][0].astype(np.float32)
     nearest = ds.image[OFFLINE][((sample[:, None] - ds.image[OFFLINE][None]) ** 2).sum(-1).argmin(1)]
     np.testing.assert_allclose(sample, nearest, rtol=1e-3, atol=1e-3)  # offline items, to float16 precision
-    everything = FpocmhLearner.from_offline(copy.deepcopy(model), ds, OFFLINE, load_config())
+    everything = FpocmhLearner.from_offline(copy.deepcopy(model), ds, OFFLINE, load_config(overrides=OFFLINE_SAMPLE))
     assert len(everything.replay[IMG][0]) == len(OFFLINE), "never more items than the offline part has"
     assert FpocmhLearner.from_offline(model, ds, OFFLINE, load_config(overrides=NO_CODE_REHEARSAL)).replay == {}
 
@@ -273,7 +289,7 @@ def test_code_rehearsal_keeps_the_stored_codes_of_offline_items(ds):
     codes keeps more of the offline part's codes (what the database holds) unchanged."""
     kept = {}
     for items in (0, 1024):
-        learner = make_learner(ds, OFFLINE, **{"code_rehearsal.items": items, **NO_PAIRWISE, **FAST})
+        learner = make_learner(ds, OFFLINE, **{"code_rehearsal.items": items, **OFFLINE_SAMPLE, **NO_PAIRWISE, **FAST})
         before = {m: learner.encode(features(ds, m)[OFFLINE], m) for m in MODALITIES}
         learner.learn(unimodal_stream(ds, STREAM))
         after = {m: learner.encode(features(ds, m)[OFFLINE], m) for m in MODALITIES}
@@ -288,7 +304,8 @@ def test_the_reservoir_starts_with_the_offline_items_their_stored_codes_and_labe
     model, learner, _ = twice_from_one_model(ds)
     for m in MODALITIES:
         n = learner.reservoir.size(m)
-        assert n == len(OFFLINE) and learner.reservoir.features == {}
+        assert n == len(OFFLINE)
+        np.testing.assert_allclose(learner.reservoir.features[m][:n], features(ds, m)[OFFLINE], rtol=1e-2, atol=1e-2)
         stored = codes.sign_codes(model.relaxed(features(ds, m)[OFFLINE], m))
         np.testing.assert_array_equal(learner.reservoir.codes[m][:n], stored)
         np.testing.assert_array_equal(learner.reservoir.categories[m][:n], ds.labels[OFFLINE].astype(bool))
@@ -497,7 +514,9 @@ def test_rehearsal_protects_stored_code_retrieval_on_a_real_stream(mirflickr, p1
 def test_code_rehearsal_protects_stored_code_retrieval_on_a_real_stream(mirflickr, p1, p1_config, small_offline_model):
     """With the paper's anchor rehearsal on in both, adding stored-code rehearsal keeps more of the match."""
     without, rehearsed = (
-        stored_text_map_after_a_stream(mirflickr, p1, p1_config, small_offline_model, **{"code_rehearsal.items": n})
+        stored_text_map_after_a_stream(
+            mirflickr, p1, p1_config, small_offline_model, **{"code_rehearsal.items": n, **OFFLINE_SAMPLE}
+        )
         for n in (0, 1024)
     )
     assert rehearsed > without + 0.01

@@ -79,6 +79,22 @@ class CodeRehearsalConfig:
 
 
 @dataclass(frozen=True)
+class LrScheduleConfig:
+    """Each modality's learning rate at its n-th optimiser step: ``optimizer.lr * start / (1 + n / decay_steps)``
+    (``decay_steps`` 0: ``optimizer.lr * start`` throughout; start 1 and decay_steps 0 = the paper)."""
+
+    start: float
+    decay_steps: float
+
+    def __post_init__(self) -> None:
+        if self.start <= 0 or self.decay_steps < 0:
+            raise config.ConfigError("fpocmh: lr_schedule needs start > 0 and decay_steps >= 0")
+
+    def factor(self, steps: int) -> float:
+        return self.start / (1.0 + steps / self.decay_steps) if self.decay_steps > 0 else self.start
+
+
+@dataclass(frozen=True)
 class ReservoirConfig:
     """The reservoir of items with their stored codes (learners/reservoir.py): ``items`` slots per modality
     (0 = none); ``inferred``: arrivals without labels join it with the categories the bank gave them."""
@@ -122,7 +138,7 @@ class FpocmhConfig:
     gamma: float
     phi: float
     is_accessible_bank_count: int
-    lr_decay_steps: float
+    lr_schedule: LrScheduleConfig
     code_rehearsal: CodeRehearsalConfig
     reservoir: ReservoirConfig
     pairwise: PairwiseConfig
@@ -132,8 +148,6 @@ class FpocmhConfig:
     def __post_init__(self) -> None:
         if self.feature_space not in SPACES:
             raise config.ConfigError(f"fpocmh: feature_space must be one of {SPACES}, got {self.feature_space!r}")
-        if self.lr_decay_steps < 0:
-            raise config.ConfigError("fpocmh: lr_decay_steps must be >= 0 (0 = constant learning rate)")
         if self.mu < 1 or self.is_accessible_bank_count < 1:
             raise config.ConfigError("fpocmh: mu and is_accessible_bank_count must be >= 1")
         if self.reservoir.items == 0 and (self.pairwise.weight > 0 or self.code_rehearsal.stream):
@@ -410,9 +424,8 @@ class FpocmhLearner(OnlineLearner):
         loss.backward()
         tgts.clear()
         if step:
-            if self.cfg.lr_decay_steps > 0:  # lr / (1 + steps / lr_decay_steps): learn early, then settle
-                for group in self.optimizers[m].param_groups:
-                    group["lr"] = self.base_lr[m] / (1.0 + self.steps[m] / self.cfg.lr_decay_steps)
+            for group in self.optimizers[m].param_groups:
+                group["lr"] = self.base_lr[m] * self.cfg.lr_schedule.factor(self.steps[m])
             self.optimizers[m].step()
             self.optimizers[m].zero_grad(set_to_none=True)
             self.window[m] = 0
@@ -501,7 +514,7 @@ class FpocmhLearner(OnlineLearner):
         saved = {
             "code_rehearsal": {"items": 0, "batch": 1, "weight": 0.0},
             "reservoir": {"items": 0, "inferred": False},
-            "lr_decay_steps": 0.0,
+            "lr_schedule": {"start": 1.0, "decay_steps": 0.0},
             "pairwise": {"weight": 0.0, "intra": 0.0, "scale": 1.0, "sample": 1},
             **state.meta["config"],
         }
