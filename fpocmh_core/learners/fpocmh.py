@@ -25,14 +25,29 @@ Deviations from the official code (A7), deliberate:
   a similarity scale re-chosen for those spaces (30; the paper's 100 is CLIP's);
 - ``logit_scale`` multiplies the hash-side cosines (1 = the paper, the default).
 
-Addition to the paper, on by default (``code_rehearsal.items: 0`` turns it off): stored-code
-rehearsal. The paper's rehearsal holds the K initial anchors to their initial codes, K points (24 here)
-in a 1,000-dimensional input space, which pins little of the function the database codes were written
-with: at the paper's learning rate the networks barely move, and at a rate where they learn from the
-stream the drift eats the gain. So each step also fits a fixed, seeded sample of the offline items'
-features to the codes the offline model stored for them (``sign(f0(x))``, eval mode), the compatibility
-idea of backward-compatible training (Shen et al., "Towards Backward-Compatible Representation
-Learning", CVPR 2020) applied to hash codes. With it the default learning rate is 10x the paper's;
+Additions to the paper, on by default (config/fpocmh.yaml marks each; the paper's form is reachable by
+``code_rehearsal.items: 0, code_rehearsal.stream: false, reservoir.items: 0, pairwise.weight: 0,
+lr_schedule.start: 1, lr_schedule.decay_steps: 0`` and the paper's learning rate 1e-3):
+
+- Stored-code rehearsal. The paper's rehearsal holds the K initial anchors to their initial codes, K
+  points (24 here) in a 1,000-dimensional input space, which pins little of the function the database
+  codes were written with: at the paper's learning rate the networks barely move, and at a rate where
+  they learn from the stream the drift eats the gain. So each step also fits a batch of items' features
+  to the codes they were stored with, the compatibility idea of backward-compatible training (Shen et al.,
+  "Towards Backward-Compatible Representation Learning", CVPR 2020) applied to hash codes. The batch
+  comes from the reservoir (``code_rehearsal.stream``), or from a fixed sample of the offline items.
+- A reservoir (learners/reservoir.py): a uniform sample of the items seen so far, offline items first,
+  each with the code the learner's model gave it on arrival (what the encoder stored, up to version
+  lag), its categories and its features. Rehearsal that grows with the stream: when most of the
+  database arrives online, the offline sample is a small and shrinking share of the stored codes.
+- A pairwise term against stored codes: each arrival's code is compared, through DCMH's pairwise
+  likelihood (the offline trainer's objective), with reservoir codes of both modalities, related when
+  they share a category. The anchor terms compare an item with 24 category prototypes; this term gives
+  the item-level signal the offline model was trained with, against codes that are in the database.
+- A learning-rate schedule, ``lr * start / (1 + n / decay_steps)`` at a modality's n-th step: learn
+  early, when the stored codes are few and the model knows least, and settle later, so that most stored
+  codes are written by a model close to the final one (which is what keeps stored and re-hashed mAP
+  together).
 README, "Partial-modal stream (FPO-CMH, protocol P1)", has the settings measured side by side.
 """
 
