@@ -524,8 +524,8 @@ class FpocmhLearner(OnlineLearner):
 
     @classmethod
     def from_state(cls, state: ModelState) -> FpocmhLearner:
-        # States written before stored-code rehearsal existed learnt without it, and keep doing so.
-        # States written before the pairwise term existed learn without it.
+        # States written before a setting existed learnt without it, and keep doing so: no stored-code
+        # rehearsal, reservoir, pairwise term or schedule; rehearsal from the offline sample.
         saved = {
             "code_rehearsal": {"items": 0, "batch": 1, "weight": 0.0},
             "reservoir": {"items": 0, "inferred": False},

@@ -95,10 +95,11 @@ class CodeReservoir:
 
     def sample(self, modality: Modality, key: int, n: int, categories: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """``n`` slots drawn with replacement, as a function of ``key``: their codes (float32) and whether
-        each shares a category with ``categories`` (float32 0/1). Empty arrays while the sample is empty."""
+        each shares a category with ``categories`` (float32 0/1). While the sample is empty, ``n`` zero
+        codes, unrelated: a zero code adds a constant to the pairwise loss and nothing to its gradient."""
         size = self.size(modality)
         if size == 0:
-            return np.zeros((0, self.codes[modality].shape[1]), np.float32), np.zeros(0, np.float32)
+            return np.zeros((n, self.codes[modality].shape[1]), np.float32), np.zeros(n, np.float32)
         rows = (_mix_array(_mix(self.seed, MODALITIES.index(modality), key), n) % np.uint64(size)).astype(np.intp)
         related = self.categories[modality][rows][:, list(categories)].any(axis=1)
         return self.codes[modality][rows].astype(np.float32), related.astype(np.float32)
