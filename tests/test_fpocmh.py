@@ -77,10 +77,15 @@ def ds() -> CrossModalDataset:
 
 OFFLINE = np.arange(120)
 STREAM = np.arange(120, 240)
-# Learning rates at which the networks move a lot on these streams, so that what holds codes shows.
-FAST = {"optimizer.lr_image": 0.2, "optimizer.lr_text": 0.2}
-REAL_FAST = {"optimizer.lr_image": 0.05, "optimizer.lr_text": 0.05}
-NO_CODE_REHEARSAL = {"code_rehearsal.items": 0}
+# Learning rates at which the networks move a lot on these streams, so that what holds codes shows
+# (constant: the schedule's boost would multiply them).
+CONSTANT_LR = {"lr_schedule.start": 1.0, "lr_schedule.decay_steps": 0}
+FAST = {"optimizer.lr_image": 0.2, "optimizer.lr_text": 0.2, **CONSTANT_LR}
+REAL_FAST = {"optimizer.lr_image": 0.05, "optimizer.lr_text": 0.05, **CONSTANT_LR}
+OFFLINE_SAMPLE = {"code_rehearsal.stream": False}  # rehearse the fixed offline sample, not the reservoir
+NO_CODE_REHEARSAL = {"code_rehearsal.items": 0, **OFFLINE_SAMPLE}
+NO_PAIRWISE = {"pairwise.weight": 0.0}
+STREAM_REHEARSAL = {"code_rehearsal.stream": True}
 
 
 # --- the anchor bank ---------------------------------------------------------------------------
@@ -165,12 +170,15 @@ def test_a_paired_item_counts_towards_both_windows(ds):
     assert learner.learn(pairs).steps == {"img": 1, "txt": 1}
 
 
-def test_micro_batch_equals_item_by_item(ds):
+@pytest.mark.parametrize("overrides", [{}, OFFLINE_SAMPLE], ids=["default", "offline-sample-rehearsal"])
+def test_micro_batch_equals_item_by_item(ds, overrides):
     stream = unimodal_stream(ds, STREAM[:30])
     stream[7] = ItemRecord(stream[7].item_id, stream[7].image, ds.text[stream[7].item_id], None)  # a pair
     for i in range(0, len(stream), 3):  # some arrivals without labels: their categories come from the bank
         stream[i] = ItemRecord(stream[i].item_id, stream[i].image, stream[i].text, None)
-    batched, single = make_learner(ds, OFFLINE), make_learner(ds, OFFLINE)
+    # A reservoir smaller than the stream, so that arrivals replace slots while the learners run.
+    overrides = {"reservoir.items": 100, **overrides}
+    batched, single = make_learner(ds, OFFLINE, **overrides), make_learner(ds, OFFLINE, **overrides)
     batched.learn(stream[:50])
     batched.learn(stream[50:])
     for rec in stream:
@@ -179,7 +187,22 @@ def test_micro_batch_equals_item_by_item(ds):
         assert same(params(batched, m), params(single, m), atol=1e-5)
         np.testing.assert_allclose(batched.bank.code[m], single.bank.code[m], atol=1e-5)
         np.testing.assert_allclose(batched.bank.feat[m], single.bank.feat[m], atol=1e-5)
+        np.testing.assert_array_equal(batched.reservoir.codes[m], single.reservoir.codes[m])
     assert batched.steps == single.steps and batched.steps[IMG] > 3
+    assert batched.reservoir.seen[IMG] > 100
+
+
+def test_the_learning_rate_starts_at_start_times_lr_and_decays_with_each_modalitys_own_steps(ds):
+    schedule = {"lr_schedule.start": 4.0, "lr_schedule.decay_steps": 2.0}
+    learner = make_learner(ds, OFFLINE, mu=2, **schedule)
+    base = learner.cfg.optimizer.lr_image
+    images = [r for r in unimodal_stream(ds, STREAM) if r.image is not None][:6]
+    assert learner.learn(images).steps == {"img": 3, "txt": 0}
+    # Steps 0, 1 and 2 ran at 4, 4 / 1.5 and 4 / 2 times the rate; the text network has not stepped yet.
+    assert learner.optimizers[IMG].param_groups[0]["lr"] == pytest.approx(base * 4.0 / 2.0)
+    assert learner.optimizers[TXT].param_groups[0]["lr"] == pytest.approx(learner.cfg.optimizer.lr_text)
+    constant = {"lr_schedule.start": 3.0, "lr_schedule.decay_steps": 0}
+    assert load_config(overrides=constant).lr_schedule.factor(100) == 3.0
 
 
 def test_an_item_without_category_weighs_zero_and_sends_no_gradient(ds):
@@ -240,7 +263,7 @@ def test_gamma_weighs_the_rehearsal_loss(ds):
 
 
 def test_stored_code_sample_is_a_seeded_offline_sample_with_the_codes_the_offline_model_stored(ds):
-    model, first, second = twice_from_one_model(ds, **{"code_rehearsal.items": 50})
+    model, first, second = twice_from_one_model(ds, **{"code_rehearsal.items": 50, **OFFLINE_SAMPLE})
     for m in MODALITIES:
         feats, stored = first.replay[m]
         assert feats.shape == (50, ds.dims[m is TXT]) and stored.shape == (50, 16)
@@ -250,7 +273,7 @@ def test_stored_code_sample_is_a_seeded_offline_sample_with_the_codes_the_offlin
     sample = first.replay[IMG][0].astype(np.float32)
     nearest = ds.image[OFFLINE][((sample[:, None] - ds.image[OFFLINE][None]) ** 2).sum(-1).argmin(1)]
     np.testing.assert_allclose(sample, nearest, rtol=1e-3, atol=1e-3)  # offline items, to float16 precision
-    everything = FpocmhLearner.from_offline(copy.deepcopy(model), ds, OFFLINE, load_config())
+    everything = FpocmhLearner.from_offline(copy.deepcopy(model), ds, OFFLINE, load_config(overrides=OFFLINE_SAMPLE))
     assert len(everything.replay[IMG][0]) == len(OFFLINE), "never more items than the offline part has"
     assert FpocmhLearner.from_offline(model, ds, OFFLINE, load_config(overrides=NO_CODE_REHEARSAL)).replay == {}
 
@@ -266,12 +289,113 @@ def test_code_rehearsal_keeps_the_stored_codes_of_offline_items(ds):
     codes keeps more of the offline part's codes (what the database holds) unchanged."""
     kept = {}
     for items in (0, 1024):
-        learner = make_learner(ds, OFFLINE, **{"code_rehearsal.items": items, **FAST})
+        learner = make_learner(ds, OFFLINE, **{"code_rehearsal.items": items, **OFFLINE_SAMPLE, **NO_PAIRWISE, **FAST})
         before = {m: learner.encode(features(ds, m)[OFFLINE], m) for m in MODALITIES}
         learner.learn(unimodal_stream(ds, STREAM))
         after = {m: learner.encode(features(ds, m)[OFFLINE], m) for m in MODALITIES}
         kept[items] = 1 - np.mean([codes.bit_drift(before[m], after[m]) for m in MODALITIES])
     assert kept[1024] > kept[0] + 0.03
+
+
+# --- the reservoir and the pairwise term against stored codes -------------------------------------
+
+
+def test_the_reservoir_starts_with_the_offline_items_their_stored_codes_and_labels(ds):
+    model, learner, _ = twice_from_one_model(ds)
+    for m in MODALITIES:
+        n = learner.reservoir.size(m)
+        assert n == len(OFFLINE)
+        np.testing.assert_allclose(learner.reservoir.features[m][:n], features(ds, m)[OFFLINE], rtol=1e-2, atol=1e-2)
+        stored = codes.sign_codes(model.relaxed(features(ds, m)[OFFLINE], m))
+        np.testing.assert_array_equal(learner.reservoir.codes[m][:n], stored)
+        np.testing.assert_array_equal(learner.reservoir.categories[m][:n], ds.labels[OFFLINE].astype(bool))
+
+
+def test_arrivals_join_the_reservoir_with_the_code_the_model_gave_them_on_arrival(ds):
+    learner = make_learner(ds, OFFLINE, mu=100)  # no step: the model of the arrival is the current one
+    r = int(STREAM[0])
+    learner.learn([ItemRecord(r, None, ds.text[r], ds.labels[r])])
+    n = learner.reservoir.size(TXT)
+    assert n == len(OFFLINE) + 1 and learner.reservoir.size(IMG) == len(OFFLINE)
+    np.testing.assert_array_equal(
+        learner.reservoir.codes[TXT][n - 1], codes.sign_codes(learner.model.relaxed(ds.text[[r]], TXT))[0]
+    )
+    np.testing.assert_array_equal(learner.reservoir.categories[TXT][n - 1], ds.labels[r].astype(bool))
+
+
+def test_an_unlabelled_arrival_joins_the_reservoir_with_its_bank_categories_only_when_inferred(ds):
+    r = int(STREAM[0])
+    arrival = [ItemRecord(r, ds.image[r], None, None)]
+    joined = {}
+    for inferred in (True, False):
+        learner = make_learner(ds, OFFLINE, theta=0.0, **{"reservoir.inferred": inferred})  # every row > theta
+        learner.learn(arrival)
+        joined[inferred] = learner.reservoir.size(IMG) - len(OFFLINE)
+    assert joined == {True: 1, False: 0}
+
+
+def pair_separation(learner: FpocmhLearner, ds: CrossModalDataset, rows: np.ndarray) -> float:
+    """Mean inner product of the rows' image codes with the reservoir's stored text codes when they share
+    a label, minus when they do not."""
+    h = learner.model.relaxed(ds.image[rows], IMG)
+    n = learner.reservoir.size(TXT)
+    stored, cats = learner.reservoir.codes[TXT][:n].astype(np.float32), learner.reservoir.categories[TXT][:n]
+    related = (ds.labels[rows].astype(bool)[:, None, :] & cats[None]).any(-1)
+    inner = h @ stored.T
+    return float(inner[related].mean() - inner[~related].mean())
+
+
+def test_the_pairwise_term_pulls_arrivals_towards_the_stored_codes_of_related_items(ds):
+    """With the anchor terms and both rehearsals off, only the pairwise term moves the networks: new images
+    end up closer to the stored codes of texts that share a label and further from the others."""
+    alone = {"alpha": 0.0, "beta": 0.0, "gamma": 0.0, **NO_CODE_REHEARSAL, **FAST}
+    separation = {}
+    for weight in (0.0, 1.0):
+        learner = make_learner(ds, OFFLINE, **{"pairwise.weight": weight, **alone})
+        learner.learn(unimodal_stream(ds, STREAM))
+        separation[weight] = pair_separation(learner, ds, STREAM)
+    assert separation[1.0] > separation[0.0] + 1.0
+
+
+def test_the_pairwise_loss_is_reported_only_when_it_is_on(ds):
+    on = make_learner(ds, OFFLINE).learn(unimodal_stream(ds, STREAM[:8])).losses
+    off = make_learner(ds, OFFLINE, **NO_PAIRWISE).learn(unimodal_stream(ds, STREAM[:8])).losses
+    assert on["pairwise"] > 0 and "pairwise" not in off
+
+
+def test_stream_rehearsal_keeps_the_stored_codes_of_arrivals(ds):
+    """Rehearsing the reservoir (offline items and arrivals) holds more of the arrivals' stored codes than
+    rehearsing the offline sample alone."""
+    first, later = unimodal_stream(ds, STREAM[:60]), unimodal_stream(ds, STREAM[60:])
+    kept = {}
+    for stream in (False, True):
+        learner = make_learner(ds, OFFLINE, **{"code_rehearsal.stream": stream, "code_rehearsal.weight": 5.0, **FAST})
+        learner.learn(first)
+        before = {m: learner.encode(features(ds, m)[STREAM[:60]], m) for m in MODALITIES}
+        learner.learn(later)
+        after = {m: learner.encode(features(ds, m)[STREAM[:60]], m) for m in MODALITIES}
+        kept[stream] = 1 - np.mean([codes.bit_drift(before[m], after[m]) for m in MODALITIES])
+    assert kept[True] > kept[False] + 0.02
+
+
+def test_the_reservoir_is_checkpointed_but_not_published(ds):
+    from fpocmh_core.learners.base import published
+
+    state = make_learner(ds, OFFLINE, **STREAM_REHEARSAL).export_state()
+    assert {"reservoir.code.img", "reservoir.features.txt"} <= set(state.tensors)
+    assert not any(k.startswith("reservoir.") for k in published(state).tensors)
+
+
+def test_a_state_from_before_the_reservoir_loads_and_learns_without_it(ds):
+    state = make_learner(ds, OFFLINE).export_state()
+    drop = ("reservoir", "pairwise")
+    meta = {**state.meta, "config": {k: v for k, v in state.meta["config"].items() if k not in drop}}
+    meta["config"]["code_rehearsal"] = {k: v for k, v in meta["config"]["code_rehearsal"].items() if k != "stream"}
+    tensors = {k: v for k, v in state.tensors.items() if not k.startswith("reservoir.")}
+    old = ModelState(state.method, state.version, state.parent_version, tensors, meta)
+    learner = FpocmhLearner.from_state(ModelState.from_bytes(old.to_bytes()))
+    assert learner.reservoir is None and learner.cfg.pairwise.weight == 0 and not learner.cfg.code_rehearsal.stream
+    assert "pairwise" not in learner.learn(unimodal_stream(ds, STREAM[:8])).losses
 
 
 # --- state and purity ---------------------------------------------------------------------------
@@ -390,7 +514,9 @@ def test_rehearsal_protects_stored_code_retrieval_on_a_real_stream(mirflickr, p1
 def test_code_rehearsal_protects_stored_code_retrieval_on_a_real_stream(mirflickr, p1, p1_config, small_offline_model):
     """With the paper's anchor rehearsal on in both, adding stored-code rehearsal keeps more of the match."""
     without, rehearsed = (
-        stored_text_map_after_a_stream(mirflickr, p1, p1_config, small_offline_model, **{"code_rehearsal.items": n})
+        stored_text_map_after_a_stream(
+            mirflickr, p1, p1_config, small_offline_model, **{"code_rehearsal.items": n, **OFFLINE_SAMPLE}
+        )
         for n in (0, 1024)
     )
     assert rehearsed > without + 0.01

@@ -38,11 +38,15 @@ HELP = "P1 partial-modal stream: frozen, naive, retrain, CCA and FPO-CMH side by
 METHODS = ("frozen", "naive", "retrain", "cca", "fpocmh")
 COLUMNS = ("method", "chunk", "i2t", "t2i", "i2t_rehashed", "t2i_rehashed", "drift", "seconds", "ms_per_item")
 IMG, TXT = Modality.IMAGE, Modality.TEXT
+PLOTTED = ("i2t", "t2i", "i2t_rehashed", "t2i_rehashed")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    report.add_common_arguments(parser)
+    report.add_common_arguments(parser, multi_seed=True)
     parser.add_argument("--protocol", choices=["p1"], default="p1", help="stream protocol (config/p1.yaml)")
+    parser.add_argument(
+        "--offline-share", type=float, help="share of the database that is offline (p1 offline_share; default 0.3)"
+    )
     parser.add_argument("--unimodal-share", type=float, help="share of stream pairs split into unimodal items")
     parser.add_argument("--label-share", type=float, help="share of stream items that carry their labels")
     parser.add_argument("--chunks", type=int, help="number of stream chunks (p1 n_chunks)")
@@ -117,9 +121,10 @@ class Retrainer:
         return time.perf_counter() - start
 
 
-def _p1_config(args: argparse.Namespace) -> P1Config:
-    overrides: dict[str, Any] = {"seed": args.seed}
-    for flag, key in (("unimodal_share", "unimodal_share"), ("label_share", "label_share"), ("chunks", "n_chunks")):
+def _p1_config(args: argparse.Namespace, seed: int) -> P1Config:
+    overrides: dict[str, Any] = {"seed": seed}
+    flags = ("offline_share", "offline_share"), ("unimodal_share", "unimodal_share"), ("label_share", "label_share")
+    for flag, key in (*flags, ("chunks", "n_chunks")):
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
     return config.load(P1Config, "p1", overrides=overrides)
@@ -159,6 +164,7 @@ def _store(arm: Arm, batch: list[ItemRecord]) -> None:
 
 
 def run_bits(args: argparse.Namespace, ds: CrossModalDataset, p1: P1Config, bits: int) -> list[dict[str, Any]]:
+    """One run of every method on one seed's stream (``p1.seed`` seeds the split, the models and the order)."""
     from fpocmh_core.baselines import CCAHasher
     from fpocmh_core.learners.fpocmh import FpocmhLearner
     from fpocmh_core.learners.fpocmh import load_config as load_fpocmh_config
@@ -166,14 +172,13 @@ def run_bits(args: argparse.Namespace, ds: CrossModalDataset, p1: P1Config, bits
     from fpocmh_core.learners.naive import load_config as load_naive_config
     from fpocmh_core.offline import TrainingSet, load_offline_config, train_offline
 
+    seed = p1.seed
     split = p1_split(ds, p1)
     off_cfg = load_offline_config(overrides=config.parse_overrides(args.offline_set))
     start = time.perf_counter()
-    offline = train_offline(
-        TrainingSet.from_rows(ds, split.offline), bits, off_cfg, progress=not args.quiet, seed=args.seed
-    )
+    offline = train_offline(TrainingSet.from_rows(ds, split.offline), bits, off_cfg, progress=not args.quiet, seed=seed)
     print(
-        f"[{bits} bits] offline model on {split.offline.size} pairs: {time.perf_counter() - start:.1f}s, "
+        f"[{bits} bits, seed {seed}] offline model on {split.offline.size} pairs: {time.perf_counter() - start:.1f}s, "
         f"validation mAP {offline.val_map}",
         flush=True,
     )
@@ -187,22 +192,31 @@ def run_bits(args: argparse.Namespace, ds: CrossModalDataset, p1: P1Config, bits
             cca = CCAHasher(bits).fit(ds.image[split.offline], ds.text[split.offline])
             arms[name] = Arm(name, cca.encode, static=True)
         elif name == "naive":
-            cfg = load_naive_config(overrides={"seed": args.seed, **config.parse_overrides(args.naive_set)})
+            cfg = load_naive_config(overrides={"seed": seed, **config.parse_overrides(args.naive_set)})
             arms[name] = _arm_from_learner(name, NaiveLearner(copy.deepcopy(model0), cfg))
         elif name == "fpocmh":
-            cfg = load_fpocmh_config(overrides={"seed": args.seed, **config.parse_overrides(args.fpocmh_set)})
+            cfg = load_fpocmh_config(overrides={"seed": seed, **config.parse_overrides(args.fpocmh_set)})
             learner = FpocmhLearner.from_offline(copy.deepcopy(model0), ds, split.offline, cfg)
             arms[name] = _arm_from_learner(name, learner)
-            print(f"[{bits} bits] fpocmh: {learner.space}-space form, {len(learner.bank)} bank rows", flush=True)
+            print(
+                f"[{bits} bits, seed {seed}] fpocmh: {learner.space}-space form, {len(learner.bank)} bank rows",
+                flush=True,
+            )
         elif name == "retrain":
-            retrainer = Retrainer(ds, split, bits, off_cfg, args.seed, copy.deepcopy(model0))
+            retrainer = Retrainer(ds, split, bits, off_cfg, seed, copy.deepcopy(model0))
             arms[name] = Arm(name, retrainer.encode, retrainer.collect)
     for arm in arms.values():
         arm.stored = {m: np.zeros((len(ds), bits // 8), np.uint8) for m in (IMG, TXT)}
         _store(arm, [ItemRecord(int(r), ds.image[r], ds.text[r]) for r in split.offline])
 
     results: list[dict[str, Any]] = []
-    base = {"bits": bits, "label_share": p1.label_share, "unimodal_share": p1.unimodal_share}
+    base = {
+        "bits": bits,
+        "seed": seed,
+        "offline_share": p1.offline_share,
+        "label_share": p1.label_share,
+        "unimodal_share": p1.unimodal_share,
+    }
     for chunk in range(-1, len(split.chunks)):
         items = p1_chunk_records(ds, split, p1, chunk) if chunk >= 0 else []
         seconds = {name: 0.0 for name in arms}
@@ -234,16 +248,16 @@ def run_bits(args: argparse.Namespace, ds: CrossModalDataset, p1: P1Config, bits
             results.append(rec)
             table.append(rec)
         label = "before the stream" if chunk < 0 else f"after chunk {chunk} ({len(items)} arrivals)"
-        print(f"\n[{bits} bits] {label}, database {rows.size} rows", flush=True)
+        print(f"\n[{bits} bits, seed {seed}] {label}, database {rows.size} rows", flush=True)
         print(report.format_table(table, COLUMNS), flush=True)
-    _summary(bits, results, arms)
+    _summary(f"{bits} bits, seed {seed}", results, arms)
     return results
 
 
-def _summary(bits: int, results: list[dict[str, Any]], arms: dict[str, Arm]) -> None:
+def _summary(title: str, results: list[dict[str, Any]], arms: dict[str, Arm]) -> None:
     last = max(r["chunk"] for r in results)
     final = {r["method"]: r for r in results if r["chunk"] == last}
-    print(f"\n[{bits} bits] final (after chunk {last}); total learner seconds over the stream:")
+    print(f"\n[{title}] final (after chunk {last}); total learner seconds over the stream:")
     rows = [{**final[name], "total_seconds": arm.seconds} for name, arm in arms.items()]
     print(report.format_table(rows, (*COLUMNS[:7], "total_seconds")), flush=True)
     fp = final.get("fpocmh")
@@ -316,23 +330,83 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+SEED_VALUES = ("i2t", "t2i", "i2t_rehashed", "t2i_rehashed", "drift", "total_seconds", "stream_ms_per_item")
+
+
+def _final_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per method and seed: the last chunk's record, with the learner's seconds (and ms per arrival) over
+    the whole stream."""
+    last = max(r["chunk"] for r in results)
+    seconds: dict[tuple[str, int], float] = {}
+    items: dict[tuple[str, int], int] = {}
+    for r in results:
+        key = r["method"], r["seed"]
+        seconds[key] = seconds.get(key, 0.0) + r["seconds"]
+        items[key] = items.get(key, 0) + r.get("items", 0)
+    return [
+        {
+            **r,
+            "total_seconds": seconds[r["method"], r["seed"]],
+            "stream_ms_per_item": 1000.0 * seconds[r["method"], r["seed"]] / max(items[r["method"], r["seed"]], 1),
+        }
+        for r in results
+        if r["chunk"] == last
+    ]
+
+
+def seed_summary(results: list[dict[str, Any]]) -> str:
+    """Mean ± sd over seeds per method after the last chunk, and fpocmh's differences paired by seed."""
+    final = _final_rows(results)
+    cells = report.aggregate(final, ("method",), SEED_VALUES)
+    rows = [
+        {"method": c["method"], "seeds": c["runs"], **{v: report.format_mean_sd(c, v) for v in SEED_VALUES}}
+        for c in cells
+    ]
+    lines = [report.format_table(rows, ("method", "seeds", *SEED_VALUES))]
+    methods = {c["method"] for c in cells}
+    if "fpocmh" in methods:
+        for other in ("frozen", "naive", "retrain"):
+            if other in methods:
+                diffs = [
+                    report.paired_difference(final, "method", "fpocmh", other, ("seed",), v) for v in ("i2t", "t2i")
+                ]
+                lines.append(f"fpocmh - {other}, stored codes: I->T {diffs[0]}, T->I {diffs[1]}")
+        gap = {
+            name: report.mean_sd([r[v] - r[f"{v}_rehashed"] for r in final if r["method"] == "fpocmh"])
+            for name, v in (("I->T", "i2t"), ("T->I", "t2i"))
+        }
+        lines.append(
+            "fpocmh stored - re-hashed: " + ", ".join(f"{k} {m:+.4f} ± {sd:.4f}" for k, (m, sd) in gap.items())
+        )
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
     ds = load_dataset(args.data)
-    p1 = _p1_config(args)
+    seeds = report.seeds(args)
     results: list[dict[str, Any]] = []
     for bits in args.bits:
-        results += run_bits(args, ds, p1, bits)
-    report.write_json(args.json, results, protocol="p1", p1=config.to_dict(p1), dataset=ds.name)
+        for seed in seeds:
+            results += run_bits(args, ds, _p1_config(args, seed), bits)
+        if len(seeds) > 1:
+            print(f"\n[{bits} bits] after the last chunk, mean ± sd over seeds {seeds} (differences paired by seed):")
+            print(seed_summary([r for r in results if r["bits"] == bits]), flush=True)
+    p1 = config.to_dict(_p1_config(args, seeds[0]))
+    report.write_json(args.json, results, protocol="p1", p1={**p1, "seed": seeds}, dataset=ds.name)
     if args.plot:
         for bits in args.bits:
+            shares = results[0]
             title = (
-                f"P1 stream, {ds.name}, {bits} bits, label share {p1.label_share}, unimodal share {p1.unimodal_share}"
+                f"P1 stream, {ds.name}, {bits} bits\noffline share {shares['offline_share']}, "
+                f"label share {shares['label_share']}, unimodal share {shares['unimodal_share']}"
+                + (f", mean of seeds {seeds}" if len(seeds) > 1 else "")
             )
             path = (
                 args.plot if len(args.bits) == 1 else args.plot.with_name(f"{args.plot.stem}_{bits}{args.plot.suffix}")
             )
-            plot([r for r in results if r["bits"] == bits], path, title)
+            mean = report.aggregate([r for r in results if r["bits"] == bits], ("method", "chunk"), PLOTTED)
+            plot(mean, path, title)
     return 0

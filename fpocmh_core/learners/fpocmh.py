@@ -25,14 +25,29 @@ Deviations from the official code (A7), deliberate:
   a similarity scale re-chosen for those spaces (30; the paper's 100 is CLIP's);
 - ``logit_scale`` multiplies the hash-side cosines (1 = the paper, the default).
 
-Addition to the paper, on by default (``code_rehearsal.items: 0`` turns it off): stored-code
-rehearsal. The paper's rehearsal holds the K initial anchors to their initial codes, K points (24 here)
-in a 1,000-dimensional input space, which pins little of the function the database codes were written
-with: at the paper's learning rate the networks barely move, and at a rate where they learn from the
-stream the drift eats the gain. So each step also fits a fixed, seeded sample of the offline items'
-features to the codes the offline model stored for them (``sign(f0(x))``, eval mode), the compatibility
-idea of backward-compatible training (Shen et al., "Towards Backward-Compatible Representation
-Learning", CVPR 2020) applied to hash codes. With it the default learning rate is 10x the paper's;
+Additions to the paper, on by default (config/fpocmh.yaml marks each; the paper's form is reachable by
+``code_rehearsal.items: 0, code_rehearsal.stream: false, reservoir.items: 0, pairwise.weight: 0,
+lr_schedule.start: 1, lr_schedule.decay_steps: 0`` and the paper's learning rate 1e-3):
+
+- Stored-code rehearsal. The paper's rehearsal holds the K initial anchors to their initial codes, K
+  points (24 here) in a 1,000-dimensional input space, which pins little of the function the database
+  codes were written with: at the paper's learning rate the networks barely move, and at a rate where
+  they learn from the stream the drift eats the gain. So each step also fits a batch of items' features
+  to the codes they were stored with, the compatibility idea of backward-compatible training (Shen et al.,
+  "Towards Backward-Compatible Representation Learning", CVPR 2020) applied to hash codes. The batch
+  comes from the reservoir (``code_rehearsal.stream``), or from a fixed sample of the offline items.
+- A reservoir (learners/reservoir.py): a uniform sample of the items seen so far, offline items first,
+  each with the code the learner's model gave it on arrival (what the encoder stored, up to version
+  lag), its categories and its features. Rehearsal that grows with the stream: when most of the
+  database arrives online, the offline sample is a small and shrinking share of the stored codes.
+- A pairwise term against stored codes: each arrival's code is compared, through DCMH's pairwise
+  likelihood (the offline trainer's objective), with reservoir codes of both modalities, related when
+  they share a category. The anchor terms compare an item with 24 category prototypes; this term gives
+  the item-level signal the offline model was trained with, against codes that are in the database.
+- A learning-rate schedule, ``lr * start / (1 + n / decay_steps)`` at a modality's n-th step: learn
+  early, when the stored codes are few and the model knows least, and settle later, so that most stored
+  codes are written by a model close to the final one (which is what keeps stored and re-hashed mAP
+  together).
 README, "Partial-modal stream (FPO-CMH, protocol P1)", has the settings measured side by side.
 """
 
@@ -52,6 +67,7 @@ from fpocmh_core.bank import MODALITIES, AnchorBank, cosine, softmax
 from fpocmh_core.data import CrossModalDataset
 from fpocmh_core.learners import common
 from fpocmh_core.learners.base import LearnReport, OnlineLearner
+from fpocmh_core.learners.reservoir import CodeReservoir
 from fpocmh_core.nets import HashModel
 from fpocmh_core.records import ItemRecord, Modality
 from fpocmh_core.state import ModelState
@@ -64,15 +80,61 @@ _ABSENT = -1e9
 @dataclass(frozen=True)
 class CodeRehearsalConfig:
     """Stored-code rehearsal (see the module docstring): ``items`` offline items kept with their stored
-    codes, ``batch`` of them drawn at every optimiser step, their squared error weighted by ``weight``."""
+    codes, ``batch`` of them drawn at every optimiser step, their squared error weighted by ``weight``.
+    ``stream``: draw the batch from the reservoir (offline items, then arrivals) instead."""
 
     items: int
     batch: int
     weight: float
+    stream: bool
 
     def __post_init__(self) -> None:
         if self.items < 0 or self.batch < 1 or self.weight < 0:
             raise config.ConfigError("fpocmh: code_rehearsal needs items >= 0, batch >= 1, weight >= 0")
+
+
+@dataclass(frozen=True)
+class LrScheduleConfig:
+    """Each modality's learning rate at its n-th optimiser step: ``optimizer.lr * start / (1 + n / decay_steps)``
+    (``decay_steps`` 0: ``optimizer.lr * start`` throughout; start 1 and decay_steps 0 = the paper)."""
+
+    start: float
+    decay_steps: float
+
+    def __post_init__(self) -> None:
+        if self.start <= 0 or self.decay_steps < 0:
+            raise config.ConfigError("fpocmh: lr_schedule needs start > 0 and decay_steps >= 0")
+
+    def factor(self, steps: int) -> float:
+        return self.start / (1.0 + steps / self.decay_steps) if self.decay_steps > 0 else self.start
+
+
+@dataclass(frozen=True)
+class ReservoirConfig:
+    """The reservoir of items with their stored codes (learners/reservoir.py): ``items`` slots per modality
+    (0 = none); ``inferred``: arrivals without labels join it with the categories the bank gave them."""
+
+    items: int
+    inferred: bool
+
+    def __post_init__(self) -> None:
+        if self.items < 0:
+            raise config.ConfigError("fpocmh: reservoir.items must be >= 0")
+
+
+@dataclass(frozen=True)
+class PairwiseConfig:
+    """Pairwise term against stored codes (see the module docstring): each arrival is compared with ``sample``
+    reservoir codes of each modality, the same-modality ones weighted ``intra``; ``weight`` 0 = off."""
+
+    weight: float
+    intra: float
+    scale: float
+    sample: int
+
+    def __post_init__(self) -> None:
+        if self.weight < 0 or self.intra < 0 or self.sample < 1:
+            raise config.ConfigError("fpocmh: pairwise needs weight, intra >= 0 and sample >= 1")
 
 
 @dataclass(frozen=True)
@@ -91,7 +153,10 @@ class FpocmhConfig:
     gamma: float
     phi: float
     is_accessible_bank_count: int
+    lr_schedule: LrScheduleConfig
     code_rehearsal: CodeRehearsalConfig
+    reservoir: ReservoirConfig
+    pairwise: PairwiseConfig
     optimizer: common.OptimizerConfig
     offline: dict[str, Any]
 
@@ -100,6 +165,8 @@ class FpocmhConfig:
             raise config.ConfigError(f"fpocmh: feature_space must be one of {SPACES}, got {self.feature_space!r}")
         if self.mu < 1 or self.is_accessible_bank_count < 1:
             raise config.ConfigError("fpocmh: mu and is_accessible_bank_count must be >= 1")
+        if self.reservoir.items == 0 and (self.pairwise.weight > 0 or self.code_rehearsal.stream):
+            raise config.ConfigError("fpocmh: pairwise.weight > 0 and code_rehearsal.stream need reservoir.items > 0")
 
 
 def load_config(path: Path | str | None = None, overrides: Mapping[str, Any] | None = None) -> FpocmhConfig:
@@ -129,6 +196,9 @@ class _Targets:
     weight: float
     own_codes: np.ndarray
     other_codes: np.ndarray
+    # Pairwise term: reservoir codes (other modality's rows, then own), whether each is related, row weights.
+    pair_codes: np.ndarray | None = None
+    pair_related: np.ndarray | None = None
 
 
 class FpocmhLearner(OnlineLearner):
@@ -142,6 +212,7 @@ class FpocmhLearner(OnlineLearner):
         space: str,
         vocabulary: np.ndarray | None = None,
         replay: Mapping[Modality, tuple[np.ndarray, np.ndarray]] | None = None,
+        reservoir: CodeReservoir | None = None,
     ) -> None:
         super().__init__(model)
         if space not in ("separate", "joint"):
@@ -151,10 +222,17 @@ class FpocmhLearner(OnlineLearner):
         self.cfg, self.space, self.bank, self.vocabulary = cfg, space, bank, vocabulary
         # Per modality: (features, stored codes in {-1, 1}) of the stored-code rehearsal sample.
         self.replay = {m: (np.asarray(replay[m][0]), np.asarray(replay[m][1])) for m in MODALITIES} if replay else {}
+        if (cfg.reservoir.items > 0) != (reservoir is not None):
+            raise ValueError("a reservoir is needed exactly when reservoir.items > 0")
+        self.reservoir = reservoir
+        sample = cfg.pairwise.sample
+        # Row weights of the pairwise term: the other modality's sample (cross-modal), then the own one.
+        self.pair_weights = torch.tensor([1.0] * sample + [cfg.pairwise.intra] * sample) / sample
         self.model.eval()
         self.model.zero_grad(set_to_none=True)  # whatever offline training left behind is not online gradient
         lrs = {Modality.IMAGE: cfg.optimizer.lr_image, Modality.TEXT: cfg.optimizer.lr_text}
         self.optimizers = {m: cfg.optimizer.make(list(model.net(m).parameters()), lrs[m]) for m in MODALITIES}
+        self.base_lr = lrs
         self.window = {m: 0 for m in MODALITIES}
         self.steps = {m: 0 for m in MODALITIES}
         self.rng_state = common.seeded_rng_state(cfg.seed)
@@ -184,11 +262,21 @@ class FpocmhLearner(OnlineLearner):
         else:
             members = {m: zero_shot(feats[m], vocab, cfg.similarity_scale, cfg.theta) for m in MODALITIES}
         bank = AnchorBank.build(feats, relaxed, members, cfg.is_accessible_bank_count)
+        reservoir = None
+        if cfg.reservoir.items > 0:
+            n_categories = ds.labels.shape[1] if vocab is None else len(vocab)
+            dims = {m: feats[m].shape[1] for m in MODALITIES} if cfg.code_rehearsal.stream else None
+            reservoir = CodeReservoir(cfg.reservoir.items, model.bits, n_categories, cfg.seed, dims)
+            for m in MODALITIES:
+                for x, h, cats in zip(feats[m], relaxed[m], members[m], strict=True):
+                    if cats.any():
+                        reservoir.add(m, h, np.flatnonzero(cats), x)
         # Eval mode: the targets are the codes the offline model actually gave, without dropout noise.
         bank.set_rehearsal_targets(
             {m: codes.sign_codes(model.relaxed(bank.initial_feat[m], m)).astype(np.float32) for m in MODALITIES}
         )
-        return cls(model, bank, cfg, space, vocab, stored_code_sample(model, feats, cfg))
+        replay = {} if cfg.code_rehearsal.stream else stored_code_sample(model, feats, cfg)
+        return cls(model, bank, cfg, space, vocab, replay, reservoir)
 
     @classmethod
     def bootstrap(
@@ -212,6 +300,7 @@ class FpocmhLearner(OnlineLearner):
             "weight": 0.0,
             "rehearsal": 0.0,
             "replay": 0.0,
+            "pairwise": 0.0,
             "views": 0.0,
             "weighted": 0.0,
         }
@@ -233,8 +322,10 @@ class FpocmhLearner(OnlineLearner):
             "weight": totals["weight"] / max(totals["views"], 1.0),
             "rehearsal": totals["rehearsal"] / max(sum(report.steps.values()), 1),
         }
-        if self.replay:
+        if self.replay or self.cfg.code_rehearsal.stream:
             report.losses["replay"] = totals["replay"] / max(sum(report.steps.values()), 1)
+        if self.cfg.pairwise.weight > 0:
+            report.losses["pairwise"] = totals["pairwise"] / max(totals["weighted"], 1.0)
         return report
 
     def _step_points(self, items: list[ItemRecord]) -> list[tuple[int, tuple[Modality, ...]]]:
@@ -271,6 +362,8 @@ class FpocmhLearner(OnlineLearner):
             if tgt.weight > 0:  # a weight-0 item adds nothing to the loss or its gradient
                 pending[m].append(tgt)
             self.bank.observe(m, x, stored[m][i], cats)
+            if self.reservoir is not None and cats and (rec.labels is not None or self.cfg.reservoir.inferred):
+                self.reservoir.add(m, stored[m][i], cats, x)
             self.window[m] += 1
             totals["weight"] += tgt.weight
             totals["views"] += 1
@@ -300,7 +393,15 @@ class FpocmhLearner(OnlineLearner):
             weight = 1.0
         else:
             weight = 1.0 - cfg.phi
-        return cats, _Targets(x, q_intra, q_inter, weight, bank.code[m].copy(), bank.code[m.other].copy())
+        tgt = _Targets(x, q_intra, q_inter, weight, bank.code[m].copy(), bank.code[m.other].copy())
+        if self.cfg.pairwise.weight > 0 and weight > 0:
+            # Drawn now, keyed by how many items of this modality the reservoir has been offered: the same
+            # rows whether the arrival comes alone or in a micro-batch.
+            key, n = self.reservoir.seen[m], self.cfg.pairwise.sample
+            drawn = [self.reservoir.sample(src, 2 * key + (src is m), n, cats) for src in (m.other, m)]
+            tgt.pair_codes = np.concatenate([c for c, _ in drawn])
+            tgt.pair_related = np.concatenate([r for _, r in drawn])
+        return cats, tgt
 
     def _backward(self, m: Modality, tgts: list[_Targets], totals: dict[str, float], step: bool) -> float:
         """Gradient of the pending items' streaming loss (eq. 1) into network ``m``; on a step, plus rehearsal.
@@ -315,7 +416,7 @@ class FpocmhLearner(OnlineLearner):
         replay_codes = None
         if step:
             blocks.append(self.bank.initial_feat[m])
-            if self.replay:
+            if self.replay or self.cfg.code_rehearsal.stream:
                 replay_x, replay_codes = self._replay_batch(m)
                 blocks.append(replay_x)
         net.train()
@@ -338,6 +439,8 @@ class FpocmhLearner(OnlineLearner):
         loss.backward()
         tgts.clear()
         if step:
+            for group in self.optimizers[m].param_groups:
+                group["lr"] = self.base_lr[m] * self.cfg.lr_schedule.factor(self.steps[m])
             self.optimizers[m].step()
             self.optimizers[m].zero_grad(set_to_none=True)
             self.window[m] = 0
@@ -345,7 +448,11 @@ class FpocmhLearner(OnlineLearner):
         return float(rehearsal.detach())
 
     def _replay_batch(self, m: Modality) -> tuple[np.ndarray, np.ndarray]:
-        """``code_rehearsal.batch`` rows of the stored-code sample, drawn with the learner's own RNG."""
+        """``code_rehearsal.batch`` rows of the stored-code sample (or of the reservoir), drawn with the
+        learner's own RNG."""
+        if self.cfg.code_rehearsal.stream:
+            take = torch.randperm(self.reservoir.size(m))[: self.cfg.code_rehearsal.batch].numpy()
+            return self.reservoir.rehearsal(m, take)
         feats, stored = self.replay[m]
         take = torch.randperm(len(feats))[: self.cfg.code_rehearsal.batch].numpy()
         return feats[take], stored[take].astype(np.float32)
@@ -378,7 +485,20 @@ class FpocmhLearner(OnlineLearner):
         totals["intra"] += float(intra.detach().sum())
         totals["inter"] += float(inter.detach().sum())
         totals["weighted"] += len(tgts)
-        return (weight * (self.cfg.alpha * intra + self.cfg.beta * inter)).sum() / self.cfg.mu
+        per_item = self.cfg.alpha * intra + self.cfg.beta * inter
+        if self.cfg.pairwise.weight > 0:
+            pairwise = self._pairwise_loss(out, tgts)
+            totals["pairwise"] += float(pairwise.detach().sum())
+            per_item = per_item + self.cfg.pairwise.weight * pairwise
+        return (weight * per_item).sum() / self.cfg.mu
+
+    def _pairwise_loss(self, out: torch.Tensor, tgts: list[_Targets]) -> torch.Tensor:
+        """Per item: DCMH's pairwise likelihood of the item's code against its reservoir rows' stored codes,
+        theta = scale * <h, b> / bits, related = a shared category; rows weighted by ``pair_weights``."""
+        stored = torch.from_numpy(np.stack([t.pair_codes for t in tgts]))
+        related = torch.from_numpy(np.stack([t.pair_related for t in tgts]))
+        theta = self.cfg.pairwise.scale * torch.einsum("nc,nrc->nr", out, stored) / self.bits
+        return ((F.softplus(theta) - related * theta) * self.pair_weights).sum(dim=1)
 
     # ----------------------------------------------------------------- state
     def export_state(self) -> ModelState:
@@ -388,6 +508,8 @@ class FpocmhLearner(OnlineLearner):
             tensors.update(common.grad_tensors(self.model.net(m), f"grad.{m.short}"))
         if self.vocabulary is not None:
             tensors["vocabulary"] = self.vocabulary
+        if self.reservoir is not None:
+            tensors.update(self.reservoir.tensors("reservoir"))
         for m, (feats, stored) in self.replay.items():
             tensors[f"replay.feat.{m.short}"] = feats
             tensors[f"replay.code.{m.short}"] = stored
@@ -402,8 +524,16 @@ class FpocmhLearner(OnlineLearner):
 
     @classmethod
     def from_state(cls, state: ModelState) -> FpocmhLearner:
-        # States written before stored-code rehearsal existed learnt without it, and keep doing so.
-        saved = {"code_rehearsal": {"items": 0, "batch": 1, "weight": 0.0}, **state.meta["config"]}
+        # States written before a setting existed learnt without it, and keep doing so: no stored-code
+        # rehearsal, reservoir, pairwise term or schedule; rehearsal from the offline sample.
+        saved = {
+            "code_rehearsal": {"items": 0, "batch": 1, "weight": 0.0},
+            "reservoir": {"items": 0, "inferred": False},
+            "lr_schedule": {"start": 1.0, "decay_steps": 0.0},
+            "pairwise": {"weight": 0.0, "intra": 0.0, "scale": 1.0, "sample": 1},
+            **state.meta["config"],
+        }
+        saved["code_rehearsal"] = {"stream": False, **saved["code_rehearsal"]}
         cfg = config.build(FpocmhConfig, saved, "fpocmh state")
         model = HashModel.from_tensors(state.meta["arch"], state.subset("model"))
         bank = AnchorBank.from_tensors(state.subset("bank"), cfg.is_accessible_bank_count)
@@ -413,7 +543,8 @@ class FpocmhLearner(OnlineLearner):
             for m in MODALITIES
             if f"replay.feat.{m.short}" in state.tensors
         }
-        learner = cls(model, bank, cfg, state.meta["feature_space"], vocab, replay)
+        reservoir = CodeReservoir.from_tensors(state.subset("reservoir"), cfg.seed) if cfg.reservoir.items else None
+        learner = cls(model, bank, cfg, state.meta["feature_space"], vocab, replay, reservoir)
         for m in MODALITIES:
             common.load_optimizer_tensors(learner.optimizers[m], state.subset(f"optim.{m.short}"))
             common.load_grad_tensors(model.net(m), state.subset(f"grad.{m.short}"))
