@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import uuid
@@ -68,6 +69,28 @@ def checked_model_state(ds: Any, bits: int, version: int = 0, seed: int = 0) -> 
     parent = None if version == 0 else version - 1
     state = ModelState("naive", version, parent, model.tensors(), {"arch": model.arch()})
     return Probe.draw(ds.image[:4000], ds.text[:4000], ds.n_labels, 256).attach(state)
+
+
+def tiny_fpocmh_learner(
+    cfg: PipelineConfig, ds: Any, offline: np.ndarray, tmp_path: Path, **learner: Any
+) -> PipelineConfig:
+    """``cfg`` whose learner starts from an FPO-CMH version 0 trained for one epoch on 300 offline pairs, with
+    a probe set, and with ``learner`` settings changed.
+
+    Such a backbone is too weak to keep its text codes from collapsing under online learning (measured:
+    61-67% of the bits constant on the probe after one chunk, where a fully trained version 0 keeps 2%), so
+    the model check, which would rightly refuse its versions, is off here: these tests are about other things.
+    """
+    from fpocmh_core.learners.registry import learner_class
+    from fpocmh_core.model_check import ModelCheckConfig
+    from fpocmh_core.state import save_checkpoint
+
+    state = learner_class("fpocmh").bootstrap(ds, offline[:300], cfg.bits, {"offline": {"epochs": 1}}, False)
+    probe = Probe.draw(ds.image[offline], ds.text[offline], ds.n_labels, 256)
+    init = save_checkpoint(probe.attach(state.export_state()), tmp_path / "v0")
+    role = dataclasses.replace(cfg.learner, init=str(init), **learner)
+    permissive = ModelCheckConfig(cfg.model_check.probe_items, min_distinct_share=0.0, max_constant_bit_share=1.0)
+    return dataclasses.replace(cfg, method="fpocmh", learner=role, model_check=permissive)
 
 
 def publish(cfg: PipelineConfig, state: ModelState) -> None:

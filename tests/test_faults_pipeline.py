@@ -22,6 +22,7 @@ from pipeline_support import (
     produce_arrivals,
     publish,
     read_topic,
+    tiny_fpocmh_learner,
     wait_until,
 )
 
@@ -33,11 +34,10 @@ from consumers.learner import run_learner
 from consumers.runtime import Decoded, RoleStopped, Runtime
 from fpocmh_core import schemas
 from fpocmh_core.learners.base import model_from_state
-from fpocmh_core.learners.registry import learner_class
 from fpocmh_core.model_check import Probe
 from fpocmh_core.protocols import p1_chunk_records
 from fpocmh_core.records import ItemRecord
-from fpocmh_core.state import ModelState, save_checkpoint
+from fpocmh_core.state import ModelState
 
 pytestmark = pytest.mark.broker
 
@@ -110,17 +110,9 @@ def test_bad_arrivals_of_every_kind_are_dead_lettered_with_their_reason_and_ever
 
 @pytest.fixture
 def learner_cfg(pipeline_cfg, mirflickr, p1, tmp_path):
-    learner = learner_class("fpocmh").bootstrap(mirflickr, p1.offline[:300], pipeline_cfg.bits, TINY, False)
-    rows = p1.offline
-    probe = Probe.draw(mirflickr.image[rows], mirflickr.text[rows], mirflickr.n_labels, 256)
-    init = save_checkpoint(probe.attach(learner.export_state()), tmp_path / "v0")
-    role = dataclasses.replace(
-        pipeline_cfg.learner, init=str(init), publish_every_items=100, publish_every_s=0.0, batch_size=50
+    return tiny_fpocmh_learner(
+        pipeline_cfg, mirflickr, p1.offline, tmp_path, publish_every_items=100, publish_every_s=0.0, batch_size=50
     )
-    return dataclasses.replace(pipeline_cfg, method="fpocmh", learner=role)
-
-
-TINY = {"offline": {"epochs": 1}}
 
 
 def test_the_learner_dead_letters_bad_arrivals_never_learns_them_and_publishes_only_finite_models(

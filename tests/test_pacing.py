@@ -6,14 +6,11 @@ import dataclasses
 
 import numpy as np
 import pytest
-from pipeline_support import RoleThread, produce_arrivals, wait_until
+from pipeline_support import RoleThread, produce_arrivals, tiny_fpocmh_learner, wait_until
 
 from consumers.learner import run_learner
 from consumers.pacing import MIN_SHARE, Pacer, PacingConfig
-from fpocmh_core.learners.registry import learner_class
-from fpocmh_core.model_check import Probe
 from fpocmh_core.protocols import p1_chunk_records
-from fpocmh_core.state import save_checkpoint
 
 
 def test_the_share_shrinks_while_the_lag_is_over_its_bound_and_grows_back_under_half_of_it():
@@ -50,14 +47,10 @@ def test_the_sample_is_uniform_over_the_batch():
 def test_a_burst_the_learner_cannot_keep_up_with_is_sampled_and_every_arrival_is_still_read(
     pipeline_cfg, mirflickr, p1, p1_config, tmp_path
 ):
-    learner = learner_class("fpocmh").bootstrap(mirflickr, p1.offline[:300], 32, {"offline": {"epochs": 1}}, False)
-    probe = Probe.draw(mirflickr.image[p1.offline], mirflickr.text[p1.offline], mirflickr.n_labels, 256)
-    init = save_checkpoint(probe.attach(learner.export_state()), tmp_path / "v0")
     pacing = dataclasses.replace(pipeline_cfg.learner.pacing, max_lag_items=300)
-    role = dataclasses.replace(
-        pipeline_cfg.learner, init=str(init), batch_size=100, publish_every_items=1000, pacing=pacing
+    cfg = tiny_fpocmh_learner(
+        pipeline_cfg, mirflickr, p1.offline, tmp_path, batch_size=100, publish_every_items=1000, pacing=pacing
     )
-    cfg = dataclasses.replace(pipeline_cfg, method="fpocmh", bits=32, learner=role)
     burst = p1_chunk_records(mirflickr, p1, p1_config, 0)[:3000]
     produce_arrivals(cfg, burst)
     with RoleThread(run_learner, cfg) as running:
