@@ -52,6 +52,8 @@ SHORT_RUN = {
 }
 # Services whose section of config/pipeline.yaml has a metrics_port.
 ROLE_SECTIONS = ("encoder", "learner", "query", "replay")
+# The long-running services, the query tier as its two shards.
+ROLES = ("encoder", "learner", "query-s0", "query-s1")
 REPLAY_ARGS = ["--rate", "5000", "--quiet"]
 SCORE_LINE = re.compile(r"chunk +(-?\d+): .* store +(\d+) img \+ +(\d+) txt codes .* I->T ([\d.]+) +T->I ([\d.]+)")
 
@@ -107,7 +109,7 @@ def test_the_compose_roles_run_natively_against_apache_kafka_replay_scores_and_t
     with broker as bootstrap:
 
         def env(name: str) -> dict[str, str]:
-            section = name if name in ROLE_SECTIONS else None
+            section = name.partition("-")[0] if name.partition("-")[0] in ROLE_SECTIONS else None
             return service_env(services[name], address, bootstrap, section, benchmark_path)
 
         # The container's working directory (/app): the learner's checkpoints (runs/learner) land here.
@@ -120,7 +122,7 @@ def test_the_compose_roles_run_natively_against_apache_kafka_replay_scores_and_t
         cfg = load(environ={**env("encoder"), "FPOCMH_KAFKA_BOOTSTRAP_SERVERS": bootstrap})
         roles = {}
         try:
-            for name in ("encoder", "learner", "query"):
+            for name in ROLES:
                 with (tmp_path / f"{name}.log").open("wb") as log:
                     roles[name] = subprocess.Popen(
                         service_argv(services[name]), env=env(name), cwd=work, stdout=log, stderr=subprocess.STDOUT
@@ -146,7 +148,7 @@ def test_the_compose_roles_run_natively_against_apache_kafka_replay_scores_and_t
         with QueryClient(cfg) as client:
             created = {topic: len(partitions_of(client.consumer, topic)) for topic in topics}
     assert created == topics, "topics-init created every topic with its partition count"
-    assert exits == {"encoder": 0, "learner": 0, "query": 0}, "every role stopped cleanly on SIGTERM"
+    assert exits == dict.fromkeys(ROLES, 0), "every role stopped cleanly on SIGTERM"
 
     p1cfg = config.load(P1Config, "p1", overrides={"n_chunks": 1, "unimodal_share": 0.0})
     p1 = p1_split(mirflickr, p1cfg)
