@@ -61,21 +61,24 @@ class ArrivalCheck:
             raise SchemaError(INVALID, f"item {item}: labels must be 0/1 (multi-hot), got {np.unique(labels)[:5]}")
 
 
-def feature_problem(features: np.ndarray, dim: int) -> tuple[str, str] | None:
-    """(reason, what is wrong) for a feature vector the model can't take, else None.
+def finite_as_float32(features: np.ndarray) -> np.ndarray:
+    """Elementwise: the value is finite after the cast to float32 the networks apply, so 1e300 (finite in
+    float64, infinite in float32) counts as not finite. Integer features always are."""
+    if features.dtype.kind != "f":
+        return np.ones(features.shape, dtype=bool)
+    if features.dtype.itemsize > 4:
+        with np.errstate(over="ignore"):
+            features = features.astype(np.float32)
+    return np.isfinite(features)
 
-    Values are checked after the cast to float32 the networks apply, so 1e300 (finite in float64,
-    infinite in float32) is caught too.
-    """
+
+def feature_problem(features: np.ndarray, dim: int) -> tuple[str, str] | None:
+    """(reason, what is wrong) for a feature vector the model can't take, else None."""
     if features.ndim != 1 or features.shape[0] != dim:
         return SHAPE, f"features of shape {features.shape}, the model takes {dim}"
-    if features.dtype.kind == "f":
-        if features.dtype.itemsize > 4:
-            with np.errstate(over="ignore"):
-                features = features.astype(np.float32)
-        if not np.isfinite(features).all():
-            bad = int((~np.isfinite(features)).sum())
-            return INVALID, f"features have {bad} non-finite value(s) (NaN, Inf, or beyond float32)"
+    finite = finite_as_float32(features)
+    if not finite.all():
+        return INVALID, f"features have {int((~finite).sum())} non-finite value(s) (NaN, Inf, or beyond float32)"
     return None
 
 
@@ -83,10 +86,8 @@ def check_query_features(features: np.ndarray, dim: int) -> tuple[str, str] | No
     """(reason, what is wrong) when a query's (n, dim) feature matrix can't be hashed, else None."""
     if features.ndim != 2 or features.shape[1] != dim:
         return SHAPE, f"features of shape {features.shape}; the model takes {dim} dims per row"
-    if features.dtype.kind == "f":
-        with np.errstate(over="ignore"):
-            finite = np.isfinite(features.astype(np.float32, copy=False)).all(axis=1)
-        if not finite.all():
-            rows = np.flatnonzero(~finite)[:5].tolist()
-            return INVALID, f"non-finite features (NaN, Inf, or beyond float32) in row(s) {rows}"
+    finite = finite_as_float32(features).all(axis=1)
+    if not finite.all():
+        rows = np.flatnonzero(~finite)[:5].tolist()
+        return INVALID, f"non-finite features (NaN, Inf, or beyond float32) in row(s) {rows}"
     return None
