@@ -33,7 +33,7 @@ from consumers.intents import IntentLog
 from consumers.kafka import make_consumer, transactions_supported
 from consumers.metrics import Metrics
 from consumers.models import ModelFollower, ModelVersion
-from consumers.runtime import Decoded, RoleStopped, Runtime
+from consumers.runtime import Decoded, RoleStopped, Runtime, first_offsets
 from consumers.settings import PipelineConfig
 from fpocmh_core import schemas
 from fpocmh_core.nets import HashModel
@@ -114,10 +114,8 @@ class Encoder:
         assert self.intents is not None
         plan: dict[int, list[ItemRecord]] = {}
         fresh: dict[tuple[str, int], list[int]] = {}
-        first: dict[tuple[str, int], int] = {}
         for d in batch:
             part, offset = (d.msg.topic(), d.msg.partition()), d.msg.offset()
-            first[part] = min(first.get(part, offset), offset)
             version = self.intents.version_at(part, offset)
             if version is not None and version != self.version and self.models.recent(version) is None:
                 log.warning("encoder: version %d recorded for %s@%d is no longer at hand", version, part, offset)
@@ -128,6 +126,8 @@ class Encoder:
             plan.setdefault(version, []).append(d.value)
         if fresh:
             ranges = [(p, schemas.CodingRange(min(o), max(o) + 1, self.version)) for p, o in fresh.items()]
+            # Everything before a partition's first offset in this batch is committed.
+            first = {(tp.topic, tp.partition): tp.offset for tp in first_offsets(d.msg for d in batch)}
             self.intents.record(ranges, committed=first)
         return plan
 
