@@ -44,27 +44,26 @@ log = logging.getLogger(__name__)
 MAX_SLOTS = 64
 
 
-def encode_records(model: HashModel, records: list[ItemRecord], version: int) -> list[schemas.CodeMessage]:
-    """Codes for every modality each record carries: one forward pass per modality for the batch."""
-    out: list[schemas.CodeMessage] = []
-    for modality in Modality:
-        rows = [r for r in records if (r.image if modality is Modality.IMAGE else r.text) is not None]
+def encode_records(model: HashModel, records: list[ItemRecord], version: int) -> list[tuple[bytes, bytes]]:
+    """(key, body) of the code of every modality each record carries: one forward pass per modality for the
+    batch, the code records built in one pass (a per-code :class:`~fpocmh_core.schemas.CodeMessage` costs as
+    much as the network's share of the item)."""
+    out: list[tuple[bytes, bytes]] = []
+    for modality in _BOTH:
+        rows = [r for r in records if r.features(modality) is not None]
         if not rows:
             continue
-        feats = np.stack([r.image if modality is Modality.IMAGE else r.text for r in rows])
+        feats = np.stack([r.features(modality) for r in rows])
         packed = model.encode(feats.astype(np.float32, copy=False), modality)
-        out += [schemas.CodeMessage(r.item_id, modality, packed[i], version, _present(r)) for i, r in enumerate(rows)]
+        ids = [r.item_id for r in rows]
+        present = [_BOTH_MASK if r.image is not None and r.text is not None else 1 << modality for r in rows]
+        bodies = schemas.encode_code_rows(ids, modality, present, packed, version)
+        out += zip(schemas.code_keys(ids, modality), bodies, strict=True)
     return out
 
 
 _BOTH = (Modality.IMAGE, Modality.TEXT)
-
-
-def _present(record: ItemRecord) -> tuple[Modality, ...]:
-    # ItemRecord.modalities, without iterating the enum for every item on the hot path.
-    if record.image is None:
-        return (Modality.TEXT,)
-    return _BOTH if record.text is not None else (Modality.IMAGE,)
+_BOTH_MASK = schemas.modality_mask(_BOTH)
 
 
 class Encoder:
@@ -104,9 +103,8 @@ class Encoder:
         by_version = self._plan(batch) if self.intents is not None else {self.version: [d.value for d in batch]}
         for version, records in by_version.items():
             model = self.model if version == self.version else self.models.recent(version).model
-            for code in encode_records(model, records, version):
-                body = schemas.encode_code(code)
-                self.rt.produce(self.codes_topic, body, key=code.key, headers=schemas.CODE_HEADERS)
+            for key, body in encode_records(model, records, version):
+                self.rt.produce(self.codes_topic, body, key=key, headers=schemas.CODE_HEADERS)
 
     def _plan(self, batch: list[Decoded]) -> dict[int, list[ItemRecord]]:
         """At least once: each arrival's version (the one recorded for its offset, else the current one),

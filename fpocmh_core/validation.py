@@ -9,6 +9,7 @@ names the kind of fault, so the message goes to the dead-letter topic with it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,22 +33,17 @@ class ArrivalCheck:
     n_labels: int | None = None  # None: the model does not say (labels are then checked for values only)
     max_item_id: int = MAX_ITEM_ID
 
-    def dim(self, modality: Modality) -> int:
-        return self.image_dim if modality is Modality.IMAGE else self.text_dim
-
     def check(self, record: ItemRecord) -> ItemRecord:
         """``record`` unchanged, or raise :class:`SchemaError` (reason ``shape`` or ``invalid``)."""
-        item = record.item_id
+        item, image, text = record.item_id, record.image, record.text
         if not 0 <= item <= self.max_item_id:
             raise SchemaError(INVALID, f"item id {item} outside [0, {self.max_item_id}]")
-        if record.image is None and record.text is None:
+        if image is None and text is None:
             raise SchemaError(SHAPE, f"item {item}: an arrival needs at least one modality")
-        for modality in (Modality.IMAGE, Modality.TEXT):
-            features = record.features(modality)
-            if features is not None:
-                problem = feature_problem(features, self.dim(modality))
-                if problem:
-                    raise SchemaError(problem[0], f"item {item}: {modality.short} {problem[1]}")
+        if image is not None:
+            _check_features(item, Modality.IMAGE, image, self.image_dim)
+        if text is not None:
+            _check_features(item, Modality.TEXT, text, self.text_dim)
         if record.labels is not None:
             self._check_labels(item, record.labels)
         return record
@@ -56,9 +52,20 @@ class ArrivalCheck:
         if labels.ndim != 1 or (self.n_labels is not None and labels.shape[0] != self.n_labels):
             want = "a 1-D vector" if self.n_labels is None else f"{self.n_labels} labels"
             raise SchemaError(SHAPE, f"item {item}: labels of shape {labels.shape}, expected {want}")
-        # min/max, not np.isin: this runs for every arrival, and isin costs ten times as much.
-        if labels.size and (labels.min() < 0 or labels.max() > 1 or (labels.dtype.kind == "f" and (labels % 1).any())):
+        if labels.dtype.itemsize == 1 and labels.dtype.kind in "ub":
+            # Bytes: deleting every 0 and 1 byte leaves nothing, ten times faster than a numpy reduction.
+            bad = bool(labels.tobytes().translate(None, b"\x00\x01"))
+        else:
+            fractional = labels.dtype.kind == "f" and (labels % 1).any()
+            bad = labels.size and (labels.min() < 0 or labels.max() > 1 or fractional)
+        if bad:
             raise SchemaError(INVALID, f"item {item}: labels must be 0/1 (multi-hot), got {np.unique(labels)[:5]}")
+
+
+def _check_features(item: int, modality: Modality, features: np.ndarray, dim: int) -> None:
+    problem = feature_problem(features, dim)
+    if problem:
+        raise SchemaError(problem[0], f"item {item}: {modality.short} {problem[1]}")
 
 
 def finite_as_float32(features: np.ndarray) -> np.ndarray:
@@ -76,6 +83,13 @@ def feature_problem(features: np.ndarray, dim: int) -> tuple[str, str] | None:
     """(reason, what is wrong) for a feature vector the model can't take, else None."""
     if features.ndim != 1 or features.shape[0] != dim:
         return SHAPE, f"features of shape {features.shape}, the model takes {dim}"
+    if features.dtype.kind != "f":
+        return None
+    # A finite sum of squares means every value is finite (a NaN or Inf would carry through); one BLAS
+    # call (vdot: an overflow gives Inf without a warning), faster than a mask and its test. Not finite, or
+    # an overflow: the exact check.
+    if features.dtype == np.float32 and math.isfinite(np.vdot(features, features)):
+        return None
     finite = finite_as_float32(features)
     if not finite.all():
         return INVALID, f"features have {int((~finite).sum())} non-finite value(s) (NaN, Inf, or beyond float32)"

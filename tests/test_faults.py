@@ -63,6 +63,19 @@ def test_a_value_finite_in_float64_but_infinite_in_float32_is_invalid(mirflickr,
     assert reason_of(arrivals, item(mirflickr, image=image))[0] == "invalid"
 
 
+def test_large_finite_float32_features_pass_even_where_their_squares_overflow(mirflickr, arrivals):
+    image = mirflickr.image[0].copy()
+    image[:4] = [3e38, -3e38, 1e30, 1e20]
+    assert arrivals.check(item(mirflickr, image=image)).image is image
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_half_precision_features_are_invalid(mirflickr, arrivals, bad):
+    image = mirflickr.image[0].astype(np.float16)
+    image[-1] = bad
+    assert reason_of(arrivals, item(mirflickr, image=image))[0] == "invalid"
+
+
 def test_feature_lengths_must_match_the_model(mirflickr, arrivals):
     reason, detail = reason_of(arrivals, item(mirflickr, image=np.zeros(mirflickr.dims[0] + 1, np.float32)))
     assert reason == "shape" and str(mirflickr.dims[0]) in detail
@@ -75,6 +88,10 @@ def test_labels_must_have_the_dataset_count_and_be_zero_or_one(mirflickr, arriva
     nan = mirflickr.labels[0].astype(np.float32)
     nan[0] = np.nan
     assert reason_of(arrivals, item(mirflickr, labels=nan))[0] == "invalid"
+    byte_two = mirflickr.labels[0].astype(np.uint8)
+    byte_two[-1] = 2
+    assert reason_of(arrivals, item(mirflickr, labels=byte_two))[0] == "invalid"
+    assert arrivals.check(item(mirflickr, labels=mirflickr.labels[0].astype(bool))) is not None
 
 
 @pytest.mark.parametrize("item_id", [-1, MAX_ITEM_ID + 1])

@@ -66,6 +66,17 @@ def test_code_messages_round_trip_with_key_per_item_and_modality():
         schemas.parse_code_key(b"twelve")
 
 
+def test_code_rows_built_in_one_pass_are_byte_for_byte_the_single_code_records():
+    ids = [0, 7, 2**53 - 1]
+    packed = rng.integers(0, 256, (3, 8), dtype=np.uint8)
+    present = [1, 3, 1]
+    bodies = schemas.encode_code_rows(ids, Modality.IMAGE, present, packed, 41)
+    keys = schemas.code_keys(ids, Modality.IMAGE)
+    for n, (body, key) in enumerate(zip(bodies, keys, strict=True)):
+        single = schemas.CodeMessage(ids[n], Modality.IMAGE, packed[n], 41, schemas.mask_modalities(present[n]))
+        assert (body, key) == (schemas.encode_code(single), single.key)
+
+
 def test_query_and_result_round_trip():
     feats = rng.standard_normal((3, 1024)).astype(np.float32)
     req = schemas.QueryRequest("abc", "replies", Modality.IMAGE, feats, 100, Modality.TEXT, reply_partition=1)
