@@ -143,9 +143,12 @@ class ApacheKafkaBroker(BrokerProcess):
         return self.java("kafka.Kafka", str(props))
 
     def _format(self, props: Path) -> None:
+        # One in 64 such ids starts with "-": only the "--cluster-id=" form keeps it from reading as an option.
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         # The storage tool is a short-lived JVM: a small heap, and the client JIT only.
-        argv = self.java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props), heap="-Xmx256m")
+        argv = self.java(
+            "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}", "-c", str(props), heap="-Xmx256m"
+        )
         argv.insert(1, "-XX:TieredStopAtLevel=1")
         done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
 
 import pytest
 from confluent_kafka import KafkaException, Producer
@@ -48,6 +49,15 @@ def test_apache_kafka_killed_and_restarted_on_its_log_directory_keeps_acknowledg
         values = [m.value() for m in read_topic(cfg, cfg.topics.arrivals, 100)]
     assert sorted(int(v) for v in values) == list(range(100))
     assert (tmp_path / "kraft" / "data" / "meta.properties").is_file(), "a log directory we gave is kept"
+
+
+@pytest.mark.apache_kafka
+def test_a_cluster_id_that_starts_with_a_dash_formats_the_log_directory(tmp_path, monkeypatch):
+    # base64 of a random UUID starts with "-" one time in 64; the storage tool must not read it as an option.
+    monkeypatch.setattr(apache_kafka.uuid, "uuid4", lambda: uuid.UUID(bytes=b"\xf8" + bytes(15)))
+    with apache_kafka.ApacheKafkaBroker(log_path=tmp_path / "kafka.log", log_dir=tmp_path / "kraft") as bootstrap:
+        assert AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=5).brokers
+    assert "cluster.id=-" in (tmp_path / "kraft" / "data" / "meta.properties").read_text()
 
 
 def test_apache_kafka_without_its_jars_names_the_install_command(tmp_path):
