@@ -74,6 +74,10 @@ def consumer_config(
         # Model updates arrive in parts of up to message_max_bytes; fetch at least one whole part.
         "fetch.max.bytes": max(52428800, 2 * cfg.message_max_bytes),
         "max.partition.fetch.bytes": max(1048576, 2 * cfg.message_max_bytes),
+        # Once the prefetch queue is full librdkafka waits this long before it fetches again (default 1 s),
+        # so a reader faster than the broker sits idle after every drained queue: 10 ms tripled the query
+        # store's catch-up (140,000 -> 400,000 codes/s on tansu).
+        "fetch.queue.backoff.ms": 10,
         **_reporting(cfg, role),
         **props,
     }

@@ -153,8 +153,9 @@ def first_offsets(msgs: Iterable[Message]) -> list[TopicPartition]:
 
 
 def _record_size(msg: Message) -> int:
-    headers = sum(len(k) + len(v or b"") for k, v in msg.headers() or ())
-    return len(msg.value() or b"") + len(msg.key() or b"") + headers
+    headers = msg.headers()
+    size = len(msg) + len(msg.key() or b"")  # len(msg): the value's length
+    return size + sum(len(k) + len(v or b"") for k, v in headers) if headers else size
 
 
 class Runtime:
