@@ -22,7 +22,7 @@ import logging
 import socket
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -100,15 +100,33 @@ class Encoder:
         return self.check.check(schemas.decode_arrival(msg.value(), msg.headers()))
 
     def process(self, batch: list[Decoded]) -> None:
-        by_version = self._plan(batch) if self.intents is not None else {self.version: [d.value for d in batch]}
-        for version, records in by_version.items():
-            model = self.model if version == self.version else self.models.recent(version).model
-            for key, body in encode_records(model, records, version):
+        self.prepare(batch)()
+
+    def prepare(self, batch: list[Decoded]) -> Callable[[], None]:
+        """The codes of the batch; the returned call records new coding ranges (at least once) and produces them."""
+        plan, fresh = self._plan(batch) if self.intents is not None else ({self.version: [d.value for d in batch]}, [])
+        coded = [code for version, records in plan.items() for code in self._encode(version, records)]
+
+        def emit() -> None:
+            if fresh:
+                assert self.intents is not None
+                # Everything before a partition's first offset in this batch is committed by now.
+                first = {(tp.topic, tp.partition): tp.offset for tp in first_offsets(d.msg for d in batch)}
+                self.intents.record(fresh, committed=first)
+            for key, body in coded:
                 self.rt.produce(self.codes_topic, body, key=key, headers=schemas.CODE_HEADERS)
 
-    def _plan(self, batch: list[Decoded]) -> dict[int, list[ItemRecord]]:
+        return emit
+
+    def _encode(self, version: int, records: list[ItemRecord]) -> list[tuple[bytes, bytes]]:
+        model = self.model if version == self.version else self.models.recent(version).model
+        return encode_records(model, records, version)
+
+    def _plan(
+        self, batch: list[Decoded]
+    ) -> tuple[dict[int, list[ItemRecord]], list[tuple[tuple[str, int], schemas.CodingRange]]]:
         """At least once: each arrival's version (the one recorded for its offset, else the current one),
-        and the new ranges recorded before any code is produced."""
+        and the new ranges to record before any code is produced."""
         assert self.intents is not None
         plan: dict[int, list[ItemRecord]] = {}
         fresh: dict[tuple[str, int], list[int]] = {}
@@ -122,12 +140,7 @@ class Encoder:
                 fresh.setdefault(part, []).append(offset)
                 version = self.version
             plan.setdefault(version, []).append(d.value)
-        if fresh:
-            ranges = [(p, schemas.CodingRange(min(o), max(o) + 1, self.version)) for p, o in fresh.items()]
-            # Everything before a partition's first offset in this batch is committed.
-            first = {(tp.topic, tp.partition): tp.offset for tp in first_offsets(d.msg for d in batch)}
-            self.intents.record(ranges, committed=first)
-        return plan
+        return plan, [(p, schemas.CodingRange(min(o), max(o) + 1, self.version)) for p, o in fresh.items()]
 
 
 def run_encoder(cfg: PipelineConfig, metrics: Metrics, stop: threading.Event | None = None) -> None:

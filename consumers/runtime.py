@@ -120,6 +120,15 @@ class Handler(Protocol):
         """Called before every poll, batch or not (model hot swaps, store updates, publishing)."""
 
 
+class Pipelined(Handler, Protocol):
+    """A handler whose batches the at-least-once loop overlaps: :meth:`prepare` runs while the broker
+    acknowledges the previous batch's outputs, which are then committed before this batch produces."""
+
+    def prepare(self, batch: list[Decoded]) -> Callable[[], None]:
+        """The batch's work up to its first produce (nothing visible yet), and the call that produces
+        its outputs. ``process(batch)`` is ``prepare(batch)()``."""
+
+
 def poll_batch(consumer: Consumer, max_messages: int, timeout_s: float) -> list[Message]:
     """Wait up to ``timeout_s`` for a first message, then take what is already fetched, up to ``max_messages``.
 
@@ -368,20 +377,21 @@ class Runtime:
                 self._probe()
 
     def _process(self, handler: Handler, batch: list[Decoded]) -> None:
-        """``handler.process(batch)``; when it raises, the batch again one message at a time, and the message
-        that still raises goes to the dead-letter topic (reason ``process``): one bad message never stops a role."""
+        self._isolated(handler.process, batch)
+
+    def _isolated(self, call: Callable[[list[Decoded]], Any], batch: list[Decoded]) -> list[Any]:
+        """``[call(batch)]``; when it raises, the batch again one message at a time, and the message that
+        still raises goes to the dead-letter topic (reason ``process``): one bad message never stops a role."""
         try:
-            handler.process(batch)
-            return
+            return [call(batch)]
         except (DeliveryError, RoleStopped, health.BrokerUnavailable, KafkaException):
             raise
         except Exception as exc:
             if len(batch) == 1:
                 self.dead_letter(batch[0].msg, "process", f"{type(exc).__name__}: {exc}")
-                return
+                return []
             log.warning("%s: a batch of %d raised (%s); one message at a time now", self.role, len(batch), exc)
-        for item in batch:
-            self._process(handler, [item])
+        return [out for item in batch for out in self._isolated(call, [item])]
 
     def _batch(
         self, consumer: Consumer, handler: Handler, msgs: list[Message], commit: bool, async_commit: bool = False
@@ -389,6 +399,12 @@ class Runtime:
         batch = self.decode_all(msgs, handler.decode)
         if batch:
             self._process(handler, batch)
+        self._finish(consumer, handler, msgs, commit, async_commit)
+
+    def _finish(
+        self, consumer: Consumer, handler: Handler, msgs: list[Message], commit: bool, async_commit: bool = False
+    ) -> None:
+        """Wait until the batch's outputs are acknowledged, then commit its offsets."""
         self.flush()
         faults.point(f"{self.role}.before_commit")
         if commit and async_commit:
@@ -398,6 +414,15 @@ class Runtime:
         consumed = getattr(handler, "consumed", None)
         if consumed is not None:
             consumed(msgs)
+
+    def _overlapped(self, consumer: Consumer, handler: Pipelined, msgs: list[Message], pending: list[Message]) -> None:
+        """At least once, overlapped: this batch is prepared while the broker acknowledges the pending
+        one, which is committed before this one produces anything. A crash in between re-reads both."""
+        emits = self._isolated(handler.prepare, batch) if (batch := self.decode_all(msgs, handler.decode)) else []
+        if pending:
+            self._finish(consumer, handler, pending, commit=True)
+        for emit in emits:
+            emit()
 
     def _transaction(self, consumer: Consumer, handler: Handler, msgs: list[Message]) -> None:
         """The batch's outputs and its input offsets in one transaction; on failure, a fresh producer under the
@@ -492,6 +517,8 @@ class Runtime:
         ``fill_batches`` a poll waits up to ``poll_timeout_s`` for a full batch (throughput roles:
         fewer, larger output batches) instead of returning with the first message (latency roles).
         """
+        overlap = commit and not async_commit and not self.transactional and hasattr(handler, "prepare")
+        pending: list[Message] = []  # an overlapped batch produced, not yet acknowledged and committed
         try:
             while not self.stop.is_set():
                 self.health.check()
@@ -505,10 +532,18 @@ class Runtime:
                     start = time.perf_counter()
                     if self.transactional:
                         self._transaction(consumer, handler, msgs)
+                    elif overlap:
+                        self._overlapped(consumer, handler, msgs, pending)  # type: ignore[arg-type]
+                        pending = msgs
                     else:
                         self._batch(consumer, handler, msgs, commit, async_commit)
                     self.metrics.batch_duration.labels(self.role).observe(time.perf_counter() - start)
+                elif pending:  # the stream paused: no batch to overlap with
+                    self._finish(consumer, handler, pending, commit=True)
+                    pending = []
                 self.update_lag(consumer)
+            if pending:
+                self._finish(consumer, handler, pending, commit=True)
             if before_close is not None:
                 before_close()
             log.info("%s: stopped: last batch flushed and committed; closing", self.role)
