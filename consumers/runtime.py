@@ -3,7 +3,9 @@
 One batch goes: poll -> decode each message (unreadable ones go to the dead-letter topic with the
 reason and their source topic/partition/offset) -> process -> flush the producer and wait for every
 delivery report -> only then commit the batch's offsets. A crash anywhere before the commit means the
-batch is read again (at-least-once); it never means a committed input whose output was lost.
+batch is read again (at-least-once); it never means a committed input whose output was lost. A
+:class:`Pipelined` handler (the encoder) overlaps the wait: its next batch is decoded and computed while
+the broker acknowledges the last one, which is committed before the next one produces anything.
 
 With a ``transactional_id`` (delivery ``exactly_once``, on brokers with transactions) a batch's
 outputs and its input offsets go in one Kafka transaction instead: a crash anywhere leaves either all of
