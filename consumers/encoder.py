@@ -113,8 +113,7 @@ class Encoder:
                 # Everything before a partition's first offset in this batch is committed by now.
                 first = {(tp.topic, tp.partition): tp.offset for tp in first_offsets(d.msg for d in batch)}
                 self.intents.record(fresh, committed=first)
-            for key, body in coded:
-                self.rt.produce(self.codes_topic, body, key=key, headers=schemas.CODE_HEADERS)
+            self.rt.produce_keyed(self.codes_topic, coded, schemas.CODE_HEADERS)
 
         return emit
 
@@ -130,16 +129,26 @@ class Encoder:
         assert self.intents is not None
         plan: dict[int, list[ItemRecord]] = {}
         fresh: dict[tuple[str, int], list[int]] = {}
+        by_partition: dict[tuple[str, int], list[Decoded]] = {}
         for d in batch:
-            part, offset = (d.msg.topic(), d.msg.partition()), d.msg.offset()
-            version = self.intents.version_at(part, offset)
-            if version is not None and version != self.version and self.models.recent(version) is None:
-                log.warning("encoder: version %d recorded for %s@%d is no longer at hand", version, part, offset)
-                version = None
-            if version is None:
-                fresh.setdefault(part, []).append(offset)
-                version = self.version
-            plan.setdefault(version, []).append(d.value)
+            by_partition.setdefault((d.msg.topic(), d.msg.partition()), []).append(d)
+        for part, arrivals in by_partition.items():
+            first = arrivals[0].msg.offset()
+            if all(r.stop <= first for r in self.intents.ranges.get(part, ())):
+                # The usual case: nothing recorded at or past this batch's offsets of the partition.
+                fresh[part] = [first, arrivals[-1].msg.offset()]
+                plan.setdefault(self.version, []).extend(d.value for d in arrivals)
+                continue
+            for d in arrivals:
+                offset = d.msg.offset()
+                version = self.intents.version_at(part, offset)
+                if version is not None and version != self.version and self.models.recent(version) is None:
+                    log.warning("encoder: version %d recorded for %s@%d is no longer at hand", version, part, offset)
+                    version = None
+                if version is None:
+                    fresh.setdefault(part, []).append(offset)
+                    version = self.version
+                plan.setdefault(version, []).append(d.value)
         return plan, [(p, schemas.CodingRange(min(o), max(o) + 1, self.version)) for p, o in fresh.items()]
 
 

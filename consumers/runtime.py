@@ -233,6 +233,21 @@ class Runtime:
                 raise DeliveryError(f"{self.role}: {topic} refused a message: {exc.args[0].str()}") from None
         self._produced[topic] += 1
 
+    def produce_keyed(
+        self, topic: str, records: Iterable[tuple[bytes, bytes]], headers: list[tuple[str, bytes]]
+    ) -> None:
+        """:meth:`produce` for many (key, value) records with the same headers, at a fraction of the Python
+        cost per record; a record the client does not take at once goes through :meth:`produce`."""
+        produce, n = self.producer.produce, 0
+        for key, value in records:
+            try:
+                produce(topic, value, key, headers=headers)
+            except (BufferError, KafkaException):
+                self.produce(topic, value, key=key, headers=headers)
+                continue
+            n += 1
+        self._produced[topic] += n
+
     def flush(self) -> None:
         """Wait until every produced message is acknowledged; raise if the broker refused any.
 
