@@ -76,9 +76,21 @@ def mean_average_precision(
     """mAP over the full ranking (``topk=None``) or its first ``topk`` rows."""
     if q_packed.shape[0] == 0 or db_packed.shape[0] == 0:
         return 0.0
+    return float(average_precisions(q_packed, db_packed, q_labels, db_labels, topk).mean())
+
+
+def average_precisions(
+    q_packed: np.ndarray,
+    db_packed: np.ndarray,
+    q_labels: np.ndarray,
+    db_labels: np.ndarray,
+    topk: int | None = None,
+) -> np.ndarray:
+    """AP per query (0 for a query without relevant items), so that groups of queries can be averaged
+    apart from one ranking."""
     _, idx = hamming_rank(q_packed, db_packed, topk)
     rel = np.take_along_axis(relevance(q_labels, db_labels), idx, axis=1)
-    return float(_average_precision(rel).mean())
+    return _average_precision(rel)
 
 
 def mean_average_precision_ranked(rel_ranked: np.ndarray) -> float:

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from fpocmh_core.bench import report, stream
+from fpocmh_core.bench import report, stream, stream_summary
 
 
 def parse(*argv: str, multi_seed: bool = True) -> argparse.Namespace:
@@ -56,8 +56,9 @@ def test_differences_are_paired_by_seed_and_compared_with_two_sd():
 
 
 def final_record(method: str, seed: int, i2t: float, rehashed: float) -> list[dict]:
-    """The per-chunk records of one method and seed: two chunks, the last one decides."""
+    """The per-chunk P1 records of one method and seed: two chunks, the last one decides."""
     last = {"i2t": i2t, "t2i": i2t, "i2t_rehashed": rehashed, "t2i_rehashed": rehashed, "drift": 0.0}
+    last |= {"i2t_new": None, "t2i_new": None, "i2t_old": i2t, "t2i_old": i2t}
     first = {k: 0.0 for k in last}
     return [
         {"method": method, "seed": seed, "chunk": c, "seconds": 1.0, "items": 500, **values}
@@ -65,23 +66,35 @@ def final_record(method: str, seed: int, i2t: float, rehashed: float) -> list[di
     ]
 
 
-def test_stream_seed_summary_reports_the_last_chunk_and_fpocmh_differences():
+def test_stream_seed_summary_reports_the_last_chunk_fpocmh_differences_and_targets():
     results = []
     for seed, noise in enumerate((0.0, 0.002, -0.001)):
         results += final_record("frozen", seed, 0.70 + noise, 0.70 + noise)
         results += final_record("fpocmh", seed, 0.72 + noise, 0.73 + noise)
-    text = stream.seed_summary(results)
+    cells, targets, lines = stream_summary.summary(results)
+    text = "\n".join(lines)
     assert "0.7003 ± 0.0015" in text  # frozen's mean and sd over the three seeds, after the last chunk
     # Per method: 2 learner seconds summed over the two chunks, and 2 ms per arrival over their 1,000 arrivals.
     assert text.count("2.0000 ± 0.0000") == 4
-    assert "fpocmh - frozen, stored codes: I->T +0.0200 ± 0.0000 (> 2 sd)" in text
-    assert "fpocmh stored - re-hashed: I->T -0.0100 ± 0.0000" in text
+    assert "fpocmh - frozen, stored codes, all queries: I->T +0.0200 ± 0.0000 (> 2 sd)" in text
+    assert "new" not in " ".join(lines[:2]), "P1 has no new-label queries to score"
     assert "naive" not in text
+    met = {t["target"]: t["met"] for t in targets}
+    assert met == {
+        "all queries: - frozen >= -0.005": True,
+        "|stored - re-hashed| <= 0.005": False,  # 0.01 apart on every seed
+        "time < 5% of full retraining": None,
+    }
+    assert [c["method"] for c in cells] == ["frozen", "fpocmh"]
 
 
-def test_stream_takes_the_offline_share_from_the_command_line():
+def test_stream_takes_the_protocol_and_shares_from_the_command_line(mirflickr):
     parser = argparse.ArgumentParser()
     stream.add_arguments(parser)
     args = parser.parse_args(["--offline-share", "0.05", "--seeds", "0", "1"])
-    assert stream._p1_config(args, 1).offline_share == 0.05 and stream._p1_config(args, 1).seed == 1
-    assert stream._p1_config(parser.parse_args([]), 0).offline_share == 0.3
+    p1 = stream._stream(args, mirflickr, 1)
+    assert (p1.name, p1.config.offline_share, p1.config.seed) == ("p1", 0.05, 1)
+    assert stream._stream(parser.parse_args([]), mirflickr, 0).config.offline_share == 0.3
+    p3 = stream._stream(parser.parse_args(["--protocol", "p3", "--chunks", "4", "--new-chunks", "2"]), mirflickr, 0)
+    assert (p3.config.n_chunks, p3.config.new_chunks) == (4, 2)
+    assert p3.split.query_new.any() and not p1.split.query_new.any()
