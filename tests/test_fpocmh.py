@@ -205,6 +205,19 @@ def test_the_learning_rate_starts_at_start_times_lr_and_decays_with_each_modalit
     assert load_config(overrides=constant).lr_schedule.factor(100) == 3.0
 
 
+@pytest.mark.parametrize("restart", [True, False])
+def test_a_category_the_stream_brings_starts_the_schedule_over_when_asked(ds, restart):
+    has3 = ds.labels[:, 3] == 1
+    learner = make_learner(ds, OFFLINE[~has3[OFFLINE]], mu=2, **{"lr_schedule.restart_on_new_category": restart})
+    old = [r for r in unimodal_stream(ds, [int(r) for r in STREAM if not has3[r]])][:12]
+    learner.learn(old)
+    assert learner.steps == {IMG: 3, TXT: 3}
+    row = next(int(r) for r in STREAM if has3[r])
+    learner.learn(unimodal_stream(ds, [row]))  # its image, then its text: category 3 is promoted
+    assert 3 in learner.bank.categories
+    assert learner.steps == ({IMG: 0, TXT: 0} if restart else {IMG: 3, TXT: 3})
+
+
 def test_an_item_without_category_weighs_zero_and_sends_no_gradient(ds):
     learner = make_learner(ds, OFFLINE, theta=1.0, mu=100)  # no similarity reaches theta = 1
     r = int(STREAM[0])
@@ -384,6 +397,14 @@ def test_the_reservoir_is_checkpointed_but_not_published(ds):
     state = make_learner(ds, OFFLINE, **STREAM_REHEARSAL).export_state()
     assert {"reservoir.code.img", "reservoir.features.txt"} <= set(state.tensors)
     assert not any(k.startswith("reservoir.") for k in published(state).tensors)
+
+
+def test_a_state_from_before_schedule_restarts_loads_without_them(ds):
+    state = make_learner(ds, OFFLINE).export_state()
+    config = {**state.meta["config"]}
+    config["lr_schedule"] = {k: v for k, v in config["lr_schedule"].items() if k != "restart_on_new_category"}
+    old = ModelState(state.method, state.version, state.parent_version, state.tensors, {**state.meta, "config": config})
+    assert not FpocmhLearner.from_state(ModelState.from_bytes(old.to_bytes())).cfg.lr_schedule.restart_on_new_category
 
 
 def test_a_state_from_before_the_reservoir_loads_and_learns_without_it(ds):

@@ -100,6 +100,8 @@ class LrScheduleConfig:
 
     start: float
     decay_steps: float
+    # A category promoted into the bank (a new one the stream brought) starts the schedule over.
+    restart_on_new_category: bool
 
     def __post_init__(self) -> None:
         if self.start <= 0 or self.decay_steps < 0:
@@ -361,7 +363,8 @@ class FpocmhLearner(OnlineLearner):
             cats, tgt = self._targets(rec, m, x, cats)
             if tgt.weight > 0:  # a weight-0 item adds nothing to the loss or its gradient
                 pending[m].append(tgt)
-            self.bank.observe(m, x, stored[m][i], cats)
+            if self.bank.observe(m, x, stored[m][i], cats) and self.cfg.lr_schedule.restart_on_new_category:
+                self.steps = {k: 0 for k in MODALITIES}
             if self.reservoir is not None and cats and (rec.labels is not None or self.cfg.reservoir.inferred):
                 self.reservoir.add(m, stored[m][i], cats, x)
             self.window[m] += 1
@@ -534,6 +537,7 @@ class FpocmhLearner(OnlineLearner):
             **state.meta["config"],
         }
         saved["code_rehearsal"] = {"stream": False, **saved["code_rehearsal"]}
+        saved["lr_schedule"] = {"restart_on_new_category": False, **saved["lr_schedule"]}
         cfg = config.build(FpocmhConfig, saved, "fpocmh state")
         model = HashModel.from_tensors(state.meta["arch"], state.subset("model"))
         bank = AnchorBank.from_tensors(state.subset("bank"), cfg.is_accessible_bank_count)
