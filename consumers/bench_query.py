@@ -38,11 +38,12 @@ CHECKED_QUERIES = 20
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fpocmh.commands.pipeline_args import add_pipeline_arguments
+    from fpocmh.commands.pipeline_args import add_broker_argument, add_pipeline_arguments
     from fpocmh_core.bench.report import add_common_arguments
 
     add_common_arguments(parser)
     add_pipeline_arguments(parser)
+    add_broker_argument(parser)
     parser.add_argument("--sizes", type=float, nargs="+", default=[1e6, 1e7], help="stored codes per measurement")
     parser.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4], help="shard counts to compare")
     parser.add_argument("--probes", type=int, default=300, help="sequential top-100 queries per round")
@@ -258,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
     from consumers.kafka import admin_config, connect, ensure_topics
     from consumers.metrics import Metrics
     from consumers.store import CodeStore, return_freed_arrays_to_os
-    from fpocmh.commands.pipeline_args import load_config
+    from fpocmh.commands.pipeline_args import broker_kind, load_config
     from fpocmh_core.bench.report import format_table, write_json
     from fpocmh_core.data import load_dataset
     from fpocmh_core.learners.base import model_from_state
@@ -267,6 +268,7 @@ def run(args: argparse.Namespace) -> int:
     if len(args.bits) != 1:
         raise ValueError("bench query measures one code length at a time")
     cfg = load_config(args, f"bits={args.bits[0]}")
+    kind = broker_kind(args, cfg)
     if max(args.shards) > cfg.partitions.codes:
         raise ValueError(f"{max(args.shards)} shards need partitions.codes >= {max(args.shards)}")
     faiss.omp_set_num_threads(1)
@@ -280,9 +282,9 @@ def run(args: argparse.Namespace) -> int:
     q_codes = model.encode(q_features[:CHECKED_QUERIES], Modality.IMAGE)
     stop = threading.Event()
     sizes = [int(s) for s in sorted(args.sizes)]
-    summary: dict[str, Any] = {"bits": cfg.bits, "sizes": {}}
+    summary: dict[str, Any] = {"broker": "external" if cfg.bootstrap_servers else kind, "bits": cfg.bits, "sizes": {}}
     rounds: list[dict[str, Any]] = []
-    with connect(cfg, work) as cfg:
+    with connect(cfg, work, kind) as cfg:
         for size in sizes:
             ids, codes = synthetic(size, cfg.bits, args.seed)
             per_code = bytes_per_code(ids, codes)
