@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message, TopicPartition
 
-from consumers.kafka import make_consumer
+from consumers.kafka import make_consumer, query_fetch_wait_ms
 from consumers.runtime import Runtime, poll_batch
 from fpocmh_core import schemas
 
@@ -56,7 +56,7 @@ class CodeLog:
             cfg,
             rt.role,
             None,
-            cfg.query.fetch_wait_max_ms,
+            query_fetch_wait_ms(cfg),
             **{
                 "auto.offset.reset": "error",
                 "isolation.level": cfg.query.isolation_level,

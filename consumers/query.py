@@ -23,7 +23,7 @@ import torch
 from confluent_kafka import Message
 
 from consumers.code_log import CodeLog, TopicReset
-from consumers.kafka import make_consumer, partitions_of
+from consumers.kafka import make_consumer, partitions_of, query_fetch_wait_ms
 from consumers.metrics import Metrics
 from consumers.models import ModelFollower, ModelVersion
 from consumers.query_client import Query, QueryClient, QueryError
@@ -286,7 +286,7 @@ def run_query(
             time.monotonic() - start,
             service.version,
         )
-        consumer = make_consumer(cfg, "query", shard.group(cfg.query.group), cfg.query.fetch_wait_max_ms)
+        consumer = make_consumer(cfg, "query", shard.group(cfg.query.group), query_fetch_wait_ms(cfg))
         consumer.subscribe([cfg.topics.queries])
         rt.run(
             consumer,

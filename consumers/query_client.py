@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
-from consumers.kafka import make_consumer, make_producer, partitions_of
+from consumers.kafka import make_consumer, make_producer, partitions_of, query_fetch_wait_ms
 from consumers.metrics import Metrics
 from consumers.runtime import poll_batch
 from consumers.settings import PipelineConfig
@@ -104,6 +104,7 @@ class QueryClient:
             raise ValueError(f"missing_shards must be error or partial, not {self.missing_shards!r}")
         self._sent: dict[str, tuple[float, Query | None, schemas.Offsets, int]] = {}
         self.producer = make_producer(cfg, "query-client", **{"linger.ms": 0})
+        self._fetch_wait_ms = query_fetch_wait_ms(cfg)
         self.consumer = self._answers_consumer()
         topic = cfg.topics.results
         self.reply_partition = (
@@ -119,7 +120,7 @@ class QueryClient:
     def _answers_consumer(self) -> Consumer:
         q = self.cfg.query
         return make_consumer(
-            self.cfg, "query-client", None, q.fetch_wait_max_ms, **{"isolation.level": q.isolation_level}
+            self.cfg, "query-client", None, self._fetch_wait_ms, **{"isolation.level": q.isolation_level}
         )
 
     # ------------------------------------------------------------------------------------- bounds

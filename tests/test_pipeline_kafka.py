@@ -60,6 +60,12 @@ def test_a_cluster_id_that_starts_with_a_dash_formats_the_log_directory(tmp_path
     assert "cluster.id=-" in (tmp_path / "kraft" / "data" / "meta.properties").read_text()
 
 
+def test_query_readers_wait_long_only_where_the_broker_answers_a_waiting_fetch_at_once(pipeline_cfg):
+    # tansu holds an empty fetch for its whole wait, so there the short configured wait is the latency.
+    expected = pipeline_cfg.query.fetch_wait_max_ms if kafka.is_tansu(pipeline_cfg) else kafka.LONG_POLL_MS
+    assert kafka.query_fetch_wait_ms(pipeline_cfg) == expected
+
+
 def test_apache_kafka_without_its_jars_names_the_install_command(tmp_path):
     with pytest.raises(BrokerError, match="make install") as raised:
         apache_kafka.ApacheKafkaBroker(home=tmp_path / "nowhere")
