@@ -85,21 +85,22 @@ def produce_codes(cfg: Any, ids: np.ndarray, codes: np.ndarray, metrics: Any) ->
     from consumers.kafka import partitions_of
     from consumers.runtime import Runtime
     from fpocmh_core import schemas
+    from fpocmh_core.records import Modality
 
     rt = Runtime(cfg, "replay", metrics, producer_props={"linger.ms": 100, "batch.size": cfg.message_max_bytes})
     partitions = partitions_of(rt.producer, cfg.topics.codes)
-    rows = np.zeros(ids.size, schemas.code_row_dtype(cfg.bits))
-    rows["item_id"], rows["modality"], rows["present"] = ids, 1, 2
-    rows["bits"], rows["code"] = cfg.bits, codes
-    size = rows.dtype.itemsize
+    text_only = schemas.modality_mask((Modality.TEXT,))
     for start in range(0, ids.size, 100_000):
-        chunk = rows[start : start + 100_000].tobytes()
-        for j in range(len(chunk) // size):
+        chunk = ids[start : start + 100_000]
+        present = [text_only] * chunk.size
+        bodies = schemas.encode_code_rows(chunk, Modality.TEXT, present, codes[start : start + chunk.size], 0)
+        keys = schemas.code_keys(chunk.tolist(), Modality.TEXT)
+        for j, (key, body) in enumerate(zip(keys, bodies, strict=True)):
             item = start + j
             rt.produce(
                 cfg.topics.codes,
-                chunk[j * size : (j + 1) * size],
-                key=b"%d:txt" % item,
+                body,
+                key=key,
                 headers=schemas.CODE_HEADERS,
                 partition=partitions[item % len(partitions)],
             )

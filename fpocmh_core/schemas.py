@@ -311,7 +311,7 @@ class CodeMessage:
 
 
 def code_key(item_id: int, modality: Modality) -> bytes:
-    return f"{item_id}:{modality.short}".encode()
+    return code_keys((item_id,), modality)[0]
 
 
 def parse_code_key(key: bytes) -> tuple[int, Modality]:
@@ -352,7 +352,7 @@ def encode_code_rows(
 
 
 def code_keys(item_ids: Iterable[int], modality: Modality) -> list[bytes]:
-    """:func:`code_key` for many items of one modality."""
+    """The keys ``"<item_id>:<img|txt>"`` of many items of one modality (:func:`code_key` for one)."""
     suffix = f":{modality.short}"
     return [(str(i) + suffix).encode() for i in item_ids]
 
