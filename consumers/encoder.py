@@ -33,7 +33,7 @@ from consumers.intents import IntentLog
 from consumers.kafka import make_consumer, transactions_supported
 from consumers.metrics import Metrics
 from consumers.models import ModelFollower, ModelVersion
-from consumers.runtime import Decoded, RoleStopped, Runtime, first_offsets
+from consumers.runtime import Decoded, RoleStopped, Runtime
 from consumers.settings import PipelineConfig
 from fpocmh_core import schemas
 from fpocmh_core.nets import HashModel
@@ -110,9 +110,8 @@ class Encoder:
         def emit() -> None:
             if fresh:
                 assert self.intents is not None
-                # Everything before a partition's first offset in this batch is committed by now.
-                first = {(tp.topic, tp.partition): tp.offset for tp in first_offsets(d.msg for d in batch)}
-                self.intents.record(fresh, committed=first)
+                # Only offsets the coordinator confirmed are never read again: ranges below them can go.
+                self.intents.record(fresh, committed=self.rt.committed)
             self.rt.produce_keyed(self.codes_topic, coded, schemas.CODE_HEADERS)
 
         return emit
@@ -172,7 +171,9 @@ def _run(cfg: PipelineConfig, metrics: Metrics, stop: threading.Event | None, tx
         encoder = Encoder(rt, models, first, intents)
         # No static membership (group.instance.id): after a broker restart librdkafka rejoins under a new member
         # id, and the broker then fences the old one, which is fatal for the consumer.
-        consumer = make_consumer(cfg, "encoder", cfg.encoder.group, cfg.encoder.fetch_wait_max_ms)
+        consumer = make_consumer(
+            cfg, "encoder", cfg.encoder.group, cfg.encoder.fetch_wait_max_ms, on_commit=rt.on_commit
+        )
         consumer.subscribe([cfg.topics.arrivals], on_assign=encoder.on_assign)
         log.info("encoder: model version %d; consuming %s", first.version, cfg.topics.arrivals)
         rt.run(consumer, encoder, cfg.encoder.batch_size, cfg.encoder.poll_timeout_s, fill_batches=True)

@@ -202,6 +202,9 @@ class Runtime:
             # Also aborts whatever the previous incarnation under this id left open (a kill -9 mid-batch).
             self._txn(self.producer.init_transactions, cfg.flush_timeout_s)
         self._produced: collections.Counter[str] = collections.Counter()
+        # Per (topic, partition): the offset the group coordinator confirmed last (sync commits, and async
+        # ones through ``on_commit``, which the consumer must be given). Below it nothing is read again.
+        self.committed: dict[tuple[str, int], int] = {}
         self._last_lag: dict[int, float] = {}
         self._last_probe = 0.0
 
@@ -349,6 +352,18 @@ class Runtime:
             self.metrics.messages_consumed.labels(self.role, topic).inc(n)
         return out
 
+    def on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """The consumer's ``on_commit`` callback: notes what the coordinator confirmed. A refused async
+        commit only means its batch may be read again (at least once), so it is logged, not raised."""
+        if err is not None and err.code() != KafkaError._NO_OFFSET:
+            log.info("%s: an asynchronous commit failed (%s); its batch may be read again", self.role, err.str())
+        self._confirmed(tp for tp in partitions if tp.error is None)
+
+    def _confirmed(self, offsets: Iterable[TopicPartition]) -> None:
+        for tp in offsets:
+            key = (tp.topic, tp.partition)
+            self.committed[key] = max(self.committed.get(key, 0), tp.offset)
+
     def commit(self, consumer: Consumer, offsets: list[TopicPartition]) -> bool:
         """Synchronous commit, retried while the coordinator is away; False (logged) when a rebalance took
         the partitions away first, or the role is stopping before the coordinator came back."""
@@ -357,6 +372,7 @@ class Runtime:
         while True:
             try:
                 consumer.commit(offsets=offsets, asynchronous=False)
+                self._confirmed(offsets)
                 self.health.back()
                 return True
             except KafkaException as exc:
@@ -434,10 +450,11 @@ class Runtime:
 
     def _overlapped(self, consumer: Consumer, handler: Pipelined, msgs: list[Message], pending: list[Message]) -> None:
         """At least once, overlapped: this batch is prepared while the broker acknowledges the pending
-        one, which is committed before this one produces anything. A crash in between re-reads both."""
+        one, whose commit is then sent without waiting for the coordinator (``committed`` learns when it
+        went through); a crash before it did re-reads both batches. A pause or a stop commits at once."""
         emits = self._isolated(handler.prepare, batch) if (batch := self.decode_all(msgs, handler.decode)) else []
         if pending:
-            self._finish(consumer, handler, pending, commit=True)
+            self._finish(consumer, handler, pending, commit=True, async_commit=True)
         for emit in emits:
             emit()
 
