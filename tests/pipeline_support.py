@@ -189,9 +189,8 @@ class RoleThread:
     def _run(self, target: Callable[..., None], cfg: PipelineConfig, kwargs: dict[str, Any]) -> None:
         try:
             target(cfg, self.metrics, self.stop, **kwargs)
-        except BaseException as exc:
+        except BaseException as exc:  # handed to the test: re-raised when the block ends
             self.error = exc
-            raise
 
     def __enter__(self) -> RoleThread:
         self._thread.start()
@@ -201,8 +200,11 @@ class RoleThread:
         self.stop.set()
         self._thread.join(60)
         assert not self._thread.is_alive(), "role did not stop within 60 s"
-        if self.error is not None and exc[0] is None:
+        if self.error is None:
+            return
+        if not isinstance(exc[1], BaseException):
             raise self.error
+        exc[1].add_note(f"the role had stopped with {self.error!r}")
 
     def value(self, metric: str, **labels: str) -> float:
         return self.metrics.registry.get_sample_value(metric, labels) or 0.0
