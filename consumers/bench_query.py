@@ -358,8 +358,17 @@ def run(args: argparse.Namespace) -> int:
         rounds=rounds,
     )
     print()
-    columns = ["codes", "shards", "p50_ms", "p99_ms", "search_ms", "search_p99_ms", "ready_s", "answers_lost"]
-    columns.append("merge_equal")
+    columns = [
+        "codes",
+        "shards",
+        "p50_ms",
+        "p99_ms",
+        "search_ms",
+        "search_p99_ms",
+        "ready_s",
+        "answers_lost",
+        "merge_equal",
+    ]
     print(format_table(rounds, columns))
     print(
         f"bytes/code {summary['bytes_per_code']:.1f}; catch-up {summary['catchup_codes_per_s']:,.0f} codes/s; "
