@@ -355,8 +355,10 @@ class Runtime:
     def on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         """The consumer's ``on_commit`` callback: notes what the coordinator confirmed. A refused async
         commit only means its batch may be read again (at least once), so it is logged, not raised."""
-        if err is not None and err.code() != KafkaError._NO_OFFSET:
-            log.info("%s: an asynchronous commit failed (%s); its batch may be read again", self.role, err.str())
+        if err is not None:
+            if err.code() != KafkaError._NO_OFFSET:
+                log.info("%s: an asynchronous commit failed (%s); its batch may be read again", self.role, err.str())
+            return
         self._confirmed(tp for tp in partitions if tp.error is None)
 
     def _confirmed(self, offsets: Iterable[TopicPartition]) -> None:
