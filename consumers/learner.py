@@ -37,6 +37,7 @@ import torch
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from consumers.kafka import make_consumer, topic_id, watermarks_are_exact
+from consumers.learner_codes import HeldCodes
 from consumers.metrics import MODALITIES, Metrics
 from consumers.models import arrival_check, publish_model, warn_unauthenticated
 from consumers.pacing import Pacer
@@ -196,6 +197,7 @@ class LearnerRole:
         self.budget_s = rt.cfg.max_poll_interval_ms / 1000.0
         self._topic_checked = time.monotonic()
         self.pacer = Pacer(rt.cfg.learner.pacing)
+        self.held = HeldCodes(rt, rt.cfg.learner.max_held_codes)
         self.skipped = 0
         self.pending = 0
         self.last_arrival = time.monotonic()
@@ -223,7 +225,8 @@ class LearnerRole:
             self.rt.metrics.learner_items.labels("skipped").inc(len(records) - len(keep))
         self.last_arrival = time.monotonic()
         if keep:
-            self._learn([records[i] for i in keep])
+            read = {(tp.topic, tp.partition): tp.offset for tp in next_offsets([d.msg for d in batch])}
+            self._learn([records[i] for i in keep], {**self.offsets, **read})
         # The publishing cadence counts the stream read, learnt or skipped.
         self.items_since_publish += len(records)
 
@@ -252,14 +255,14 @@ class LearnerRole:
         self.pace(msgs)
         self._maybe_publish()
 
-    def _learn(self, records: list[ItemRecord]) -> None:
+    def _learn(self, records: list[ItemRecord], position: Offsets) -> None:
         start = time.perf_counter()
         report = self._guarded(self.guard.learn, records)
         took = time.perf_counter() - start
         if took > self.budget_s / 4:
             log.warning("learner: a batch took %.1f s of a %.0f s poll budget; lower batch_size", took, self.budget_s)
         self._show(report, len(records))
-        self._store_codes(report, {r.item_id: r.modalities for r in records})
+        self._store_codes(report, {r.item_id: r.modalities for r in records}, position)
 
     def _guarded(self, step: Any, *args: Any) -> LearnReport:
         try:
@@ -281,8 +284,10 @@ class LearnerRole:
         self.pending = report.pending
         show_bank_rows(self.learner, m)
 
-    def _store_codes(self, report: LearnReport, present: dict[int, tuple[Any, ...]]) -> None:
-        """Codes the learner assigned itself (DLCH's new items) go to the codes topic, with their source."""
+    def _store_codes(self, report: LearnReport, present: dict[int, tuple[Any, ...]], position: Offsets) -> None:
+        """Codes the learner assigned itself go to the codes topic with their source, once the encoder's code
+        of each view is there (:mod:`consumers.learner_codes`); ``position``: what the learner had read."""
+        held = []
         for code in report.codes:
             msg = schemas.CodeMessage(
                 code.item_id,
@@ -292,8 +297,8 @@ class LearnerRole:
                 present.get(code.item_id, (code.modality,)),
                 source="learner",
             )
-            body = schemas.encode_code(msg)
-            self.rt.produce(self.rt.cfg.topics.codes, body, key=msg.key, headers=schemas.CODE_HEADERS)
+            held.append((msg.key, schemas.encode_code(msg)))
+        self.held.hold(position, held)
 
     def _flush_when_quiet(self) -> None:
         """A learner that buffers (DLCH keeps an increment) acts on what it holds once the stream has paused
@@ -304,7 +309,7 @@ class LearnerRole:
         log.info("learner: no arrivals for %.0f s; acting on the %d it holds", quiet, self.pending)
         report = self._guarded(self.guard.flush)
         self._show(report, 0)
-        self._store_codes(report, {})
+        self._store_codes(report, {}, dict(self.offsets))
         self.rt.flush()
         self.items_since_publish += max(report.items, 1)
 
@@ -344,6 +349,7 @@ class LearnerRole:
                 self.publisher.submit(state, dict(self.offsets))
 
     def idle(self) -> None:
+        self.held.release()
         self.publisher.check()
         self._commit_published()
         self._flush_when_quiet()
@@ -381,6 +387,7 @@ class LearnerRole:
             self.rt.cfg.learner.pacing.max_lag_items,
             self.skipped,
         )
+        self.held.close()
         self.publisher.wait()
         self._commit_published()
         if self.items_since_publish:

@@ -85,6 +85,18 @@ class Metrics:
             ["outcome"],
             registry=registry,
         )
+        self.learner_codes = Counter(
+            "fpocmh_learner_codes_total",
+            "Codes the learner assigned itself, by outcome: written (after the encoder's code of the view), "
+            "dropped (held past learner.max_held_codes or at a stop: the view keeps the encoder's code)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.learner_codes_held = Gauge(
+            "fpocmh_learner_codes_held",
+            "Learner codes waiting for the encoder group to commit past the arrivals they code",
+            registry=registry,
+        )
         self.learner_pending = Gauge(
             "fpocmh_learner_pending",
             "Arrivals a buffering learner holds undecided (DLCH's open increment)",

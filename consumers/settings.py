@@ -86,6 +86,7 @@ class LearnerConfig:
     bootstrap_overrides: Mapping[str, Any]
     on_topic_reset: str
     flush_after_s: float
+    max_held_codes: int
     pacing: PacingConfig
     threads: int
     metrics_port: int

@@ -382,7 +382,9 @@ def test_stream_rehearsal_keeps_the_stored_codes_of_arrivals(ds):
     first, later = unimodal_stream(ds, STREAM[:60]), unimodal_stream(ds, STREAM[60:])
     kept = {}
     for stream in (False, True):
-        learner = make_learner(ds, OFFLINE, **{"code_rehearsal.stream": stream, "code_rehearsal.weight": 5.0, **FAST})
+        # The same batch from either source (half of the 120 offline items), so only the source differs.
+        settings = {"code_rehearsal.stream": stream, "code_rehearsal.weight": 5.0, "code_rehearsal.batch": 60}
+        learner = make_learner(ds, OFFLINE, **settings, **FAST)
         learner.learn(first)
         before = {m: learner.encode(features(ds, m)[STREAM[:60]], m) for m in MODALITIES}
         learner.learn(later)
@@ -397,6 +399,38 @@ def test_the_reservoir_is_checkpointed_but_not_published(ds):
     state = make_learner(ds, OFFLINE, **STREAM_REHEARSAL).export_state()
     assert {"reservoir.code.img", "reservoir.features.txt"} <= set(state.tensors)
     assert not any(k.startswith("reservoir.") for k in published(state).tensors)
+
+
+# --- learner codes ------------------------------------------------------------------------------
+
+
+def test_every_view_learnt_is_coded_by_the_model_after_the_batch(ds):
+    learner = make_learner(ds, OFFLINE, **FAST)
+    batch = unimodal_stream(ds, STREAM[:12])
+    before = {m: learner.encode(features(ds, m)[STREAM[:12]], m) for m in MODALITIES}
+    report = learner.learn(batch)
+    assert sorted((c.item_id, c.modality.short) for c in report.codes) == sorted(
+        (r.item_id, m.short) for r in batch for m in r.modalities
+    ), "one code per view learnt"
+    for m in MODALITIES:
+        got = np.stack([c.code for c in sorted(report.codes, key=lambda c: c.item_id) if c.modality is m])
+        assert np.array_equal(got, learner.encode(features(ds, m)[STREAM[:12]], m)), "the model after the batch"
+        assert not np.array_equal(got, before[m]), "which is not the model the arrivals met"
+
+
+def test_a_view_the_learner_cannot_learn_from_keeps_the_encoders_code(ds):
+    learner = make_learner(ds, OFFLINE, theta=1.0)  # no category from the bank: weight 0 when unlabelled
+    unlabelled = unimodal_stream(ds, STREAM[:4], labelled=False)
+    assert learner.learn(unlabelled).codes == []
+    assert len(learner.learn(unimodal_stream(ds, STREAM[:4])).codes) == 8
+
+
+def test_learner_codes_off_is_the_papers_form_and_a_state_from_before_them_loads_with_them_off(ds):
+    assert make_learner(ds, OFFLINE, learner_codes=False).learn(unimodal_stream(ds, STREAM[:4])).codes == []
+    state = make_learner(ds, OFFLINE).export_state()
+    config = {k: v for k, v in state.meta["config"].items() if k != "learner_codes"}
+    old = ModelState(state.method, state.version, state.parent_version, state.tensors, {**state.meta, "config": config})
+    assert not FpocmhLearner.from_state(ModelState.from_bytes(old.to_bytes())).cfg.learner_codes
 
 
 def test_a_state_from_before_schedule_restarts_loads_without_them(ds):

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 import pytest
-from pipeline_support import RoleThread, produce_arrivals, read_codes_until, wait_until
+from pipeline_support import RoleThread, codes_of, produce_arrivals, read_all, read_codes_until, wait_until
 
 from consumers.encoder import run_encoder
 from consumers.learner import Checkpoints, run_learner
 from fpocmh_core import schemas
+from fpocmh_core.learners.fpocmh import load_config
 from fpocmh_core.learners.registry import learner_class, learner_from_state
 from fpocmh_core.protocols import p1_chunk_records
 from fpocmh_core.state import load_checkpoint, save_checkpoint
@@ -67,6 +69,54 @@ def test_the_encoder_codes_later_items_with_a_version_the_learner_published(lear
     versions = {c.model_version for c in codes if c.key in later_keys and c.source == "encoder"}
     assert versions and min(versions) >= 1, "items after the update carry the learner's version"
     assert max(versions) <= published
+
+
+def test_learner_codes_wait_for_the_encoders_and_stay_the_last_code_of_each_view(learner_cfg, mirflickr, p1, p1_config):
+    cfg = learner_cfg
+    if not load_config(overrides=TINY["fpocmh"]).learner_codes or cfg.method != "fpocmh":
+        pytest.skip("FPO-CMH with learner_codes (the default) codes every view it learnt")
+    items = p1_chunk_records(mirflickr, p1, p1_config, 0)[:150]
+    views = {schemas.code_key(r.item_id, m) for r in items for m in r.modalities}
+    produce_arrivals(cfg, items)
+    with RoleThread(run_learner, cfg) as learner:
+        learned = lambda: learner.value("fpocmh_learner_items_total", outcome="learned")  # noqa: E731
+        wait_until(lambda: learned() >= len(items), what="learner learning the arrivals")
+        time.sleep(0.5)  # the batch's codes are held right after its items are counted
+        held = learner.value("fpocmh_learner_codes_held")
+        assert not codes_of(read_all(cfg, cfg.topics.codes)), "no encoder has coded them yet: nothing written"
+        with RoleThread(run_encoder, cfg):
+            read_codes_until(cfg, views)
+            wait_until(
+                lambda: learner.value("fpocmh_learner_codes_total", outcome="written") == held,
+                what="the held codes written once the encoder committed",
+            )
+        assert learner.value("fpocmh_learner_codes_held") == 0
+
+    codes = codes_of(read_all(cfg, cfg.topics.codes))
+    by_learner = [i for i, c in enumerate(codes) if c.source == "learner"]
+    assert len(by_learner) == held > 0
+    last = {c.key: c for c in codes}
+    for i in by_learner:
+        key = codes[i].key
+        assert key in views
+        assert any(c.key == key and c.source == "encoder" for c in codes[:i]), "the encoder's code came first"
+        assert last[key].source == "learner", "and the learner's is the one the compacted topic keeps"
+
+
+def test_learner_codes_beyond_the_bound_or_at_a_stop_are_dropped_and_counted(learner_cfg, mirflickr, p1, p1_config):
+    cfg = dataclasses.replace(learner_cfg, learner=dataclasses.replace(learner_cfg.learner, max_held_codes=20))
+    if not load_config(overrides=TINY["fpocmh"]).learner_codes or cfg.method != "fpocmh":
+        pytest.skip("FPO-CMH with learner_codes (the default) codes every view it learnt")
+    items = p1_chunk_records(mirflickr, p1, p1_config, 0)[:100]
+    produce_arrivals(cfg, items)
+    with RoleThread(run_learner, cfg) as learner:  # no encoder: nothing is ever committed past
+        wait_until(lambda: learner.value("fpocmh_learner_items_total", outcome="learned") >= len(items), what="learnt")
+        time.sleep(0.5)
+        assert 0 < learner.value("fpocmh_learner_codes_held") <= 20
+        assert learner.value("fpocmh_learner_codes_total", outcome="dropped") > 0
+    assert learner.value("fpocmh_learner_codes_held") == 0
+    assert learner.value("fpocmh_learner_codes_total", outcome="written") == 0
+    assert not codes_of(read_all(cfg, cfg.topics.codes)), "a view whose encoder code is not there gets none"
 
 
 def test_a_restarted_learner_resumes_from_its_checkpoint_and_offsets(learner_cfg, mirflickr, p1, p1_config):
