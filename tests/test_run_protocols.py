@@ -88,6 +88,8 @@ def test_run_replays_the_protocol_and_scores_queries_with_and_without_new_labels
     assert len(summary["chunks"]) == 1 + len(split.chunks), "the offline part and every chunk scored live"
     stored = summary["stored_codes"]
     assert stored["codes"] == 2 * split.database.size, "one stored code per item and modality"
+    assert set(stored["codes_by_source"]) <= {"encoder", "learner"}
+    assert sum(stored["codes_by_source"].values()) == stored["codes"], "each stored code counted by who wrote it"
     assert summary["model_versions_published"] >= 2, "the learner published versions beyond version 0"
     share = split.query_new.mean()
     for direction in ("i2t", "t2i"):

@@ -124,7 +124,8 @@ def probe_latency(client: Any, ds: Any, rows: Any, n: int, k: int = 100) -> dict
 def stored_codes_map(cfg: Any, ds: Any, query_rows: Any, query_new: Any, metrics: Any) -> dict[str, Any]:
     """mAP over the full ranking with the codes as stored on the codes topic, queries hashed by the
     newest model on the models topic (``_new`` / ``_old``: queries with / without a new label, when the
-    protocol has new labels); plus how many stored codes each model version wrote."""
+    protocol has new labels); plus how many stored codes each model version, and each source (the encoder
+    on arrival, the learner after learning the view), wrote."""
     import collections
 
     from consumers.models import ModelFollower
@@ -157,9 +158,15 @@ def stored_codes_map(cfg: Any, ds: Any, query_rows: Any, query_new: Any, metrics
         for group, mask in query_groups(query_new).items():
             key = direction if group == "all" else f"{direction}_{group}"
             scores[key] = evaluation.mean_average_precision(q[mask], packed, q_labels[mask], ds.labels[ids])
-    by_version = collections.Counter(c.model_version for c in latest.values())
-    by_version = dict(sorted(by_version.items()))
-    return {"model_version": newest.version, "codes": len(latest), "codes_by_version": by_version, **scores}
+    by_version = dict(sorted(collections.Counter(c.model_version for c in latest.values()).items()))
+    by_source = dict(sorted(collections.Counter(c.source for c in latest.values()).items()))
+    return {
+        "model_version": newest.version,
+        "codes": len(latest),
+        "codes_by_version": by_version,
+        "codes_by_source": by_source,
+        **scores,
+    }
 
 
 def dead_letters_by_reason(cfg: Any, metrics: Any) -> dict[str, int]:
@@ -352,7 +359,7 @@ def print_summary(s: dict[str, Any], rate_line: str) -> None:
         f"  store lag         every chunk's codes stored within {s['store_lag_s']['max']:.1f} s of its last arrival "
         f"(median {s['store_lag_s']['median']:.1f} s)",
         f"  model versions    {s['model_versions_published']} published; store codes by version "
-        f"{stored['codes_by_version']}",
+        f"{stored['codes_by_version']}; by source {stored['codes_by_source']}",
         f"  mAP stored codes  I->T {stored['i2t']:.4f}  T->I {stored['t2i']:.4f}  (full ranking, "
         f"{stored['codes']} codes of {stored['codes_expected']} expected, "
         f"queries hashed by v{stored['model_version']})",
