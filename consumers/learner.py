@@ -37,7 +37,7 @@ import torch
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from consumers.kafka import make_consumer, topic_id, watermarks_are_exact
-from consumers.learner_codes import HeldCodes
+from consumers.learner_codes import HeldCodes, Offsets
 from consumers.metrics import MODALITIES, Metrics
 from consumers.models import arrival_check, publish_model, warn_unauthenticated
 from consumers.pacing import Pacer
@@ -54,7 +54,6 @@ from fpocmh_core.state import ModelState, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
-Offsets = dict[tuple[str, int], int]
 TOPIC_CHECK_EVERY_S = 10.0
 
 

@@ -28,6 +28,7 @@ from fpocmh_core import schemas
 
 log = logging.getLogger(__name__)
 
+# (topic, partition) -> next offset: a reader's position, or a group's committed offsets.
 Offsets = dict[tuple[str, int], int]
 # How often the encoder group's committed offsets are read while codes are held.
 REFRESH_S = 0.2
