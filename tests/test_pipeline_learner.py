@@ -42,6 +42,11 @@ def learner_cfg(pipeline_cfg, mirflickr, p1, tmp_path):
     return dataclasses.replace(pipeline_cfg, learner=role)
 
 
+def skip_unless_learner_codes(cfg) -> None:
+    if cfg.method != "fpocmh" or not load_config(overrides=TINY["fpocmh"]).learner_codes:
+        pytest.skip("FPO-CMH with learner_codes (the default) codes every view it learnt")
+
+
 def consumed(role: RoleThread, cfg) -> float:
     return role.value("fpocmh_messages_consumed_total", role="learner", topic=cfg.topics.arrivals)
 
@@ -73,8 +78,7 @@ def test_the_encoder_codes_later_items_with_a_version_the_learner_published(lear
 
 def test_learner_codes_wait_for_the_encoders_and_stay_the_last_code_of_each_view(learner_cfg, mirflickr, p1, p1_config):
     cfg = learner_cfg
-    if not load_config(overrides=TINY["fpocmh"]).learner_codes or cfg.method != "fpocmh":
-        pytest.skip("FPO-CMH with learner_codes (the default) codes every view it learnt")
+    skip_unless_learner_codes(cfg)
     items = p1_chunk_records(mirflickr, p1, p1_config, 0)[:150]
     views = {schemas.code_key(r.item_id, m) for r in items for m in r.modalities}
     produce_arrivals(cfg, items)
@@ -105,8 +109,7 @@ def test_learner_codes_wait_for_the_encoders_and_stay_the_last_code_of_each_view
 
 def test_learner_codes_beyond_the_bound_or_at_a_stop_are_dropped_and_counted(learner_cfg, mirflickr, p1, p1_config):
     cfg = dataclasses.replace(learner_cfg, learner=dataclasses.replace(learner_cfg.learner, max_held_codes=20))
-    if not load_config(overrides=TINY["fpocmh"]).learner_codes or cfg.method != "fpocmh":
-        pytest.skip("FPO-CMH with learner_codes (the default) codes every view it learnt")
+    skip_unless_learner_codes(cfg)
     items = p1_chunk_records(mirflickr, p1, p1_config, 0)[:100]
     produce_arrivals(cfg, items)
     with RoleThread(run_learner, cfg) as learner:  # no encoder: nothing is ever committed past
