@@ -111,6 +111,11 @@ class AnchorBank:
         return len(self.categories)
 
     @property
+    def has_new_category(self) -> bool:
+        """Whether a category the offline data lacked has been promoted to a row."""
+        return len(self.categories) > len(self.initial_feat[Modality.IMAGE])
+
+    @property
     def bits(self) -> int:
         return self.code[Modality.IMAGE].shape[1]
 

@@ -218,6 +218,23 @@ def test_a_category_the_stream_brings_starts_the_schedule_over_when_asked(ds, re
     assert learner.steps == ({IMG: 0, TXT: 0} if restart else {IMG: 3, TXT: 3})
 
 
+def test_once_the_stream_brings_a_category_the_schedule_restarts_higher_and_rehearsal_relaxes(ds):
+    has3 = ds.labels[:, 3] == 1
+    settings = {"lr_schedule.start": 2.0, "lr_schedule.restart_start": 8.0, "lr_schedule.decay_steps": 1.0}
+    rehearsal = {"code_rehearsal.weight": 5.0, "code_rehearsal.new_category_weight": 0.5}
+    learner = make_learner(ds, OFFLINE[~has3[OFFLINE]], mu=2, **settings, **rehearsal)
+    base, cfg = learner.cfg.optimizer.lr_image, learner.cfg
+    learner.learn([r for r in unimodal_stream(ds, [int(r) for r in STREAM if not has3[r]]) if r.image is not None][:2])
+    assert not learner.bank.has_new_category
+    assert learner.optimizers[IMG].param_groups[0]["lr"] == pytest.approx(base * 2.0)
+    assert cfg.code_rehearsal.weight_for(learner.bank.has_new_category) == 5.0
+    learner.learn(unimodal_stream(ds, [next(int(r) for r in STREAM if has3[r])]))
+    assert learner.bank.has_new_category
+    learner.learn([r for r in unimodal_stream(ds, [int(r) for r in STREAM if not has3[r]][50:]) if r.image is not None][:2])
+    assert learner.optimizers[IMG].param_groups[0]["lr"] == pytest.approx(base * 8.0)
+    assert cfg.code_rehearsal.weight_for(learner.bank.has_new_category) == 0.5
+
+
 def test_an_item_without_category_weighs_zero_and_sends_no_gradient(ds):
     learner = make_learner(ds, OFFLINE, theta=1.0, mu=100)  # no similarity reaches theta = 1
     r = int(STREAM[0])
@@ -436,9 +453,15 @@ def test_learner_codes_off_is_the_papers_form_and_a_state_from_before_them_loads
 def test_a_state_from_before_schedule_restarts_loads_without_them(ds):
     state = make_learner(ds, OFFLINE).export_state()
     config = {**state.meta["config"]}
-    config["lr_schedule"] = {k: v for k, v in config["lr_schedule"].items() if k != "restart_on_new_category"}
+    since = ("restart_on_new_category", "restart_start", "new_category_weight")
+    for section in ("lr_schedule", "code_rehearsal"):
+        config[section] = {k: v for k, v in config[section].items() if k not in since}
     old = ModelState(state.method, state.version, state.parent_version, state.tensors, {**state.meta, "config": config})
-    assert not FpocmhLearner.from_state(ModelState.from_bytes(old.to_bytes())).cfg.lr_schedule.restart_on_new_category
+    cfg = FpocmhLearner.from_state(ModelState.from_bytes(old.to_bytes())).cfg
+    assert not cfg.lr_schedule.restart_on_new_category
+    assert cfg.lr_schedule.restart_start is None and cfg.code_rehearsal.new_category_weight is None
+    assert cfg.lr_schedule.factor(0, new_category=True) == cfg.lr_schedule.start
+    assert cfg.code_rehearsal.weight_for(new_category=True) == cfg.code_rehearsal.weight
 
 
 def test_a_state_from_before_the_reservoir_loads_and_learns_without_it(ds):

@@ -94,10 +94,17 @@ class CodeRehearsalConfig:
     batch: int
     weight: float
     stream: bool
+    # The weight once the bank holds a category the offline part lacked (None: ``weight`` throughout).
+    new_category_weight: float | None
 
     def __post_init__(self) -> None:
-        if self.items < 0 or self.batch < 1 or self.weight < 0:
-            raise config.ConfigError("fpocmh: code_rehearsal needs items >= 0, batch >= 1, weight >= 0")
+        if self.items < 0 or self.batch < 1 or self.weight < 0 or (self.new_category_weight or 0) < 0:
+            raise config.ConfigError(
+                "fpocmh: code_rehearsal needs items >= 0, batch >= 1, weight >= 0 and new_category_weight >= 0"
+            )
+
+    def weight_for(self, new_category: bool) -> float:
+        return self.new_category_weight if new_category and self.new_category_weight is not None else self.weight
 
 
 @dataclass(frozen=True)
@@ -109,13 +116,16 @@ class LrScheduleConfig:
     decay_steps: float
     # A category promoted into the bank (a new one the stream brought) starts the schedule over.
     restart_on_new_category: bool
+    # ``start`` once the bank holds a category the offline part lacked (None: ``start`` throughout).
+    restart_start: float | None
 
     def __post_init__(self) -> None:
-        if self.start <= 0 or self.decay_steps < 0:
-            raise config.ConfigError("fpocmh: lr_schedule needs start > 0 and decay_steps >= 0")
+        if self.start <= 0 or self.decay_steps < 0 or (self.restart_start is not None and self.restart_start <= 0):
+            raise config.ConfigError("fpocmh: lr_schedule needs start > 0, restart_start > 0 and decay_steps >= 0")
 
-    def factor(self, steps: int) -> float:
-        return self.start / (1.0 + steps / self.decay_steps) if self.decay_steps > 0 else self.start
+    def factor(self, steps: int, new_category: bool = False) -> float:
+        start = self.restart_start if new_category and self.restart_start is not None else self.start
+        return start / (1.0 + steps / self.decay_steps) if self.decay_steps > 0 else start
 
 
 @dataclass(frozen=True)
@@ -476,12 +486,12 @@ class FpocmhLearner(OnlineLearner):
             if replay_codes is not None:
                 replayed = ((out[at + anchors :] - torch.from_numpy(replay_codes)) ** 2).mean()
                 totals["replay"] += float(replayed.detach())
-                loss = loss + self.cfg.code_rehearsal.weight * replayed
+                loss = loss + self.cfg.code_rehearsal.weight_for(self.bank.has_new_category) * replayed
         loss.backward()
         tgts.clear()
         if step:
             for group in self.optimizers[m].param_groups:
-                group["lr"] = self.base_lr[m] * self.cfg.lr_schedule.factor(self.steps[m])
+                group["lr"] = self.base_lr[m] * self.cfg.lr_schedule.factor(self.steps[m], self.bank.has_new_category)
             self.optimizers[m].step()
             self.optimizers[m].zero_grad(set_to_none=True)
             self.window[m] = 0
@@ -575,8 +585,8 @@ class FpocmhLearner(OnlineLearner):
             "learner_codes": False,
             **state.meta["config"],
         }
-        saved["code_rehearsal"] = {"stream": False, **saved["code_rehearsal"]}
-        saved["lr_schedule"] = {"restart_on_new_category": False, **saved["lr_schedule"]}
+        saved["code_rehearsal"] = {"stream": False, "new_category_weight": None, **saved["code_rehearsal"]}
+        saved["lr_schedule"] = {"restart_on_new_category": False, "restart_start": None, **saved["lr_schedule"]}
         cfg = config.build(FpocmhConfig, saved, "fpocmh state")
         model = HashModel.from_tensors(state.meta["arch"], state.subset("model"))
         bank = AnchorBank.from_tensors(state.subset("bank"), cfg.is_accessible_bank_count)
