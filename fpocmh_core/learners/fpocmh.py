@@ -54,7 +54,10 @@ learner_codes: false, lr_schedule.start: 1, lr_schedule.decay_steps: 0`` and the
 - A learning-rate schedule, ``lr * start / (1 + n / decay_steps)`` at a modality's n-th step: learn
   early, when the stored codes are few and the model knows least, and settle later, so that most stored
   codes are written by a model close to the final one (which is what keeps stored and re-hashed mAP
-  together).
+  together). A category the stream brings (promoted into the bank) starts it over, from ``restart_start``
+  (15x rather than 5x): the schedule has decayed by then, and the new category would be learnt slowly.
+  ``code_rehearsal.new_category_weight`` can also lighten the rehearsal from then on (off by default: it
+  learns more with a strong offline model and lets stored codes fall behind with a weak one).
 README, "Partial-modal stream (FPO-CMH, protocol P1)", has the settings measured side by side.
 """
 
