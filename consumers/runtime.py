@@ -50,9 +50,6 @@ PROBE_EVERY_S = 2.0
 # librdkafka's transaction.timeout.ms default; a transactional producer's messages time out with it.
 TRANSACTION_MESSAGE_TIMEOUT_MS = 60_000
 # A dead letter that would not fit under the message limit keeps this much of the original value.
-# A filled batch is read and decoded this many messages at a time, each slice while its bytes are still in
-# the CPU's cache: decoded after the whole 4,096-message batch was read, an arrival took ~3 us longer.
-DECODE_SLICE = 256
 DEAD_LETTER_PREFIX_BYTES = 4096
 # Room for a dead letter's headers and the record framing.
 DEAD_LETTER_OVERHEAD_BYTES = 16384
@@ -355,25 +352,6 @@ class Runtime:
             self.metrics.messages_consumed.labels(self.role, topic).inc(n)
         return out
 
-    def read_decoded(
-        self, consumer: Consumer, decode: Callable[[Message], Any], batch_size: int, timeout_s: float
-    ) -> tuple[list[Message], list[Decoded], float]:
-        """Up to ``batch_size`` messages within ``timeout_s``, decoded ``DECODE_SLICE`` at a time as they come;
-        and the seconds spent decoding."""
-        deadline = time.monotonic() + timeout_s
-        msgs: list[Message] = []
-        batch: list[Decoded] = []
-        decoding = 0.0
-        while len(msgs) < batch_size:
-            part = consumer.consume(min(DECODE_SLICE, batch_size - len(msgs)), max(0.0, deadline - time.monotonic()))
-            if not part:
-                break
-            start = time.perf_counter()
-            msgs += part
-            batch += self.decode_all(part, decode)
-            decoding += time.perf_counter() - start
-        return msgs, batch, decoding
-
     def on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         """The consumer's ``on_commit`` callback: notes what the coordinator confirmed. A refused async
         commit only means its batch may be read again (at least once), so it is logged, not raised."""
@@ -451,14 +429,9 @@ class Runtime:
         return [out for item in batch for out in self._isolated(call, [item])]
 
     def _batch(
-        self,
-        consumer: Consumer,
-        handler: Handler,
-        msgs: list[Message],
-        batch: list[Decoded],
-        commit: bool,
-        async_commit: bool = False,
+        self, consumer: Consumer, handler: Handler, msgs: list[Message], commit: bool, async_commit: bool = False
     ) -> None:
+        batch = self.decode_all(msgs, handler.decode)
         if batch:
             self._process(handler, batch)
         self._finish(consumer, handler, msgs, commit, async_commit)
@@ -477,13 +450,11 @@ class Runtime:
         if consumed is not None:
             consumed(msgs)
 
-    def _overlapped(
-        self, consumer: Consumer, handler: Pipelined, msgs: list[Message], batch: list[Decoded], pending: list[Message]
-    ) -> None:
+    def _overlapped(self, consumer: Consumer, handler: Pipelined, msgs: list[Message], pending: list[Message]) -> None:
         """At least once, overlapped: this batch is prepared while the broker acknowledges the pending
         one, whose commit is then sent without waiting for the coordinator (``committed`` learns when it
         went through); a crash before it did re-reads both batches. A pause or a stop commits at once."""
-        emits = self._isolated(handler.prepare, batch) if batch else []
+        emits = self._isolated(handler.prepare, batch) if (batch := self.decode_all(msgs, handler.decode)) else []
         if pending:
             self._finish(consumer, handler, pending, commit=True, async_commit=True)
         for emit in emits:
@@ -589,25 +560,19 @@ class Runtime:
                 self.health.check()
                 self._probe()
                 handler.idle()
-                # A transaction decodes its batch itself, so that its dead letters commit or abort with it.
-                decoding, batch = 0.0, None
-                if fill_batches and not self.transactional:
-                    msgs, batch, decoding = self.read_decoded(consumer, handler.decode, batch_size, poll_timeout_s)
-                elif fill_batches:
+                if fill_batches:
                     msgs = consumer.consume(batch_size, poll_timeout_s)
                 else:
                     msgs = poll_batch(consumer, batch_size, poll_timeout_s)
                 if msgs:
-                    start = time.perf_counter() - decoding
-                    if batch is None and not self.transactional:
-                        batch = self.decode_all(msgs, handler.decode)
+                    start = time.perf_counter()
                     if self.transactional:
                         self._transaction(consumer, handler, msgs)
                     elif overlap:
-                        self._overlapped(consumer, handler, msgs, batch, pending)  # type: ignore[arg-type]
+                        self._overlapped(consumer, handler, msgs, pending)  # type: ignore[arg-type]
                         pending = msgs
                     else:
-                        self._batch(consumer, handler, msgs, batch, commit, async_commit)
+                        self._batch(consumer, handler, msgs, commit, async_commit)
                     self.metrics.batch_duration.labels(self.role).observe(time.perf_counter() - start)
                 elif pending:  # the stream paused: no batch to overlap with
                     self._finish(consumer, handler, pending, commit=True)

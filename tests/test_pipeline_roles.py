@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from confluent_kafka import OFFSET_BEGINNING
 from pipeline_support import (
     RoleThread,
     codes_of,
-    fresh_metrics,
     model_state,
     paired_items,
     produce_arrivals,
@@ -20,15 +18,12 @@ from pipeline_support import (
 )
 
 from consumers.encoder import run_encoder
-from consumers.kafka import assign_all, make_consumer
 from consumers.query import Query, QueryClient, run_query
-from consumers.runtime import DECODE_SLICE, Runtime
 from fpocmh_core import codes as codes_mod
 from fpocmh_core import schemas
 from fpocmh_core.learners.base import model_from_state
 from fpocmh_core.protocols import p1_chunk_records
 from fpocmh_core.records import Modality
-from fpocmh_core.validation import ArrivalCheck
 from producers.replay import RateReport, Replayer, expected_codes, wait_for_store, wire_dtypes
 
 pytestmark = pytest.mark.broker
@@ -134,32 +129,6 @@ def test_malformed_arrivals_go_to_dead_letters_and_the_encoder_keeps_going(pipel
         assert schemas.header(msg.headers(), schemas.DLQ_DETAIL)
     garbage = next(m for m in dead if schemas.header(m.headers(), schemas.DLQ_REASON) == b"decode")
     assert garbage.value() == b"\x00garbage", "the dead letter keeps the original bytes"
-
-
-def test_a_filled_batch_is_read_and_decoded_in_slices_and_keeps_every_message_and_dead_letter(
-    pipeline_cfg, mirflickr, stream_slice
-):
-    topic = pipeline_cfg.topics.arrivals
-    produce_arrivals(pipeline_cfg, stream_slice[:200])
-    produce_raw(pipeline_cfg, topic, b"\x00garbage", schemas.ARRIVAL_HEADERS)
-    produce_arrivals(pipeline_cfg, stream_slice[200:300])
-    rt = Runtime(pipeline_cfg, "encoder", fresh_metrics())
-    check = ArrivalCheck(*mirflickr.dims)
-    consumer = make_consumer(pipeline_cfg, "test", None, 10)
-    assign_all(consumer, topic, OFFSET_BEGINNING)
-    try:
-        msgs, batch, decoding = rt.read_decoded(
-            consumer, lambda m: check.check(schemas.decode_arrival(m.value(), m.headers())), 301, 60.0
-        )
-    finally:
-        consumer.close()
-    rt.flush()
-    assert len(msgs) == 301 > DECODE_SLICE and decoding > 0
-    assert sorted((d.value.item_id, d.value.modalities) for d in batch) == sorted(
-        (r.item_id, r.modalities) for r in stream_slice[:300]
-    )
-    dead = read_topic(pipeline_cfg, pipeline_cfg.topics.dead_letters, 1)
-    assert [schemas.header(m.headers(), schemas.DLQ_REASON) for m in dead] == [b"decode"]
 
 
 def test_the_rate_report_measures_every_full_minute_against_the_target():
