@@ -236,6 +236,28 @@ def test_once_the_stream_brings_a_category_the_schedule_restarts_higher_and_rehe
     assert cfg.code_rehearsal.weight_for(learner.bank.has_new_category) == 0.5
 
 
+def test_the_lighter_rehearsal_changes_learning_only_after_a_new_category(ds):
+    has3 = ds.labels[:, 3] == 1
+    old_images = [r for r in unimodal_stream(ds, [int(r) for r in STREAM if not has3[r]]) if r.image is not None]
+    new_row = unimodal_stream(ds, [next(int(r) for r in STREAM if has3[r])])
+    learners = [
+        make_learner(ds, OFFLINE[~has3[OFFLINE]], mu=2, **{"code_rehearsal.new_category_weight": w})
+        for w in (None, 0.5)
+    ]
+
+    def same() -> bool:
+        a, b = (dict(x.model.image.named_parameters()) for x in learners)
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    for learner in learners:
+        learner.learn(old_images[:4])
+    assert same(), "before any new category both learn alike"
+    for learner in learners:
+        learner.learn(new_row)
+        learner.learn(old_images[50:52])
+    assert not same(), "after it, the lighter rehearsal weight reaches the image network's step"
+
+
 def test_an_item_without_category_weighs_zero_and_sends_no_gradient(ds):
     learner = make_learner(ds, OFFLINE, theta=1.0, mu=100)  # no similarity reaches theta = 1
     r = int(STREAM[0])

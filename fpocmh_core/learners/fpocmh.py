@@ -119,7 +119,7 @@ class LrScheduleConfig:
     decay_steps: float
     # A category promoted into the bank (a new one the stream brought) starts the schedule over.
     restart_on_new_category: bool
-    # ``start`` once the bank holds a category the offline part lacked (None: ``start`` throughout).
+    # ``start`` from the first category the offline part lacked on (None: ``start`` throughout).
     restart_start: float | None
 
     def __post_init__(self) -> None:
