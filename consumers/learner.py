@@ -272,6 +272,7 @@ class LearnerRole:
 
     def _show(self, report: LearnReport, arrivals: int) -> None:
         m = self.rt.metrics
+        m.learner_views_uncoded.set(self.learner.uncoded)  # first: whoever sees the arrivals counted sees this too
         for modality in MODALITIES:
             m.learner_steps.labels(modality).inc(report.steps.get(modality, 0))
         for term, value in report.losses.items():
@@ -293,7 +294,7 @@ class LearnerRole:
                 code.modality,
                 code.code,
                 self.learner.version,
-                present.get(code.item_id, (code.modality,)),
+                code.present or present.get(code.item_id, (code.modality,)),
                 source="learner",
             )
             held.append((msg.key, schemas.encode_code(msg)))
@@ -303,9 +304,15 @@ class LearnerRole:
         """A learner that buffers (DLCH keeps an increment) acts on what it holds once the stream has paused
         for ``learner.flush_after_s``, so the end of a stream is learnt too; its codes and a version follow."""
         quiet = time.monotonic() - self.last_arrival
-        if not self.pending or self.rt.cfg.learner.flush_after_s <= 0 or quiet < self.rt.cfg.learner.flush_after_s:
+        holds = self.pending or self.learner.uncoded
+        if not holds or self.rt.cfg.learner.flush_after_s <= 0 or quiet < self.rt.cfg.learner.flush_after_s:
             return
-        log.info("learner: no arrivals for %.0f s; acting on the %d it holds", quiet, self.pending)
+        log.info(
+            "learner: no arrivals for %.0f s; acting on the %d arrivals it holds and coding the %d views it learnt",
+            quiet,
+            self.pending,
+            self.learner.uncoded,
+        )
         report = self._guarded(self.guard.flush)
         self._show(report, 0)
         self._store_codes(report, {}, dict(self.offsets))

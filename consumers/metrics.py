@@ -97,6 +97,11 @@ class Metrics:
             "Learner codes waiting for the encoder group to commit past the arrivals they code",
             registry=registry,
         )
+        self.learner_views_uncoded = Gauge(
+            "fpocmh_learner_views_uncoded",
+            "Views the learner learnt whose learner codes wait for a full block or a pause (FPO-CMH)",
+            registry=registry,
+        )
         self.learner_pending = Gauge(
             "fpocmh_learner_pending",
             "Arrivals a buffering learner holds undecided (DLCH's open increment)",

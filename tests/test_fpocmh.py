@@ -445,7 +445,7 @@ def test_the_reservoir_is_checkpointed_but_not_published(ds):
 
 
 def test_every_view_learnt_is_coded_by_the_model_after_the_batch(ds):
-    learner = make_learner(ds, OFFLINE, **FAST)
+    learner = make_learner(ds, OFFLINE, learner_codes_block=0, **FAST)
     batch = unimodal_stream(ds, STREAM[:12])
     before = {m: learner.encode(features(ds, m)[STREAM[:12]], m) for m in MODALITIES}
     report = learner.learn(batch)
@@ -461,8 +461,57 @@ def test_every_view_learnt_is_coded_by_the_model_after_the_batch(ds):
 def test_a_view_the_learner_cannot_learn_from_keeps_the_encoders_code(ds):
     learner = make_learner(ds, OFFLINE, theta=1.0)  # no category from the bank: weight 0 when unlabelled
     unlabelled = unimodal_stream(ds, STREAM[:4], labelled=False)
-    assert learner.learn(unlabelled).codes == []
-    assert len(learner.learn(unimodal_stream(ds, STREAM[:4])).codes) == 8
+    learner.learn(unlabelled)
+    assert learner.uncoded == 0 and learner.flush().codes == []
+    learner.learn(unimodal_stream(ds, STREAM[:4]))
+    assert learner.uncoded == 8 and len(learner.flush().codes) == 8
+
+
+def test_learnt_views_wait_for_a_full_block_then_the_model_of_that_moment_codes_them_all(ds):
+    learner = make_learner(ds, OFFLINE, learner_codes_block=30, **FAST)
+    first, second = unimodal_stream(ds, STREAM[:12]), unimodal_stream(ds, STREAM[12:18])
+    assert learner.learn(first).codes == [] and learner.uncoded == 24
+    report = learner.learn(second)
+    assert learner.uncoded == 0
+    assert sorted((c.item_id, c.modality.short) for c in report.codes) == sorted(
+        (r.item_id, m.short) for r in first + second for m in r.modalities
+    )
+    for m in MODALITIES:
+        got = np.stack([c.code for c in sorted(report.codes, key=lambda c: c.item_id) if c.modality is m])
+        assert np.array_equal(got, learner.encode(features(ds, m)[STREAM[:18]], m)), "the model after the block"
+    assert all(c.present == (c.modality,) for c in report.codes), "each code says what its arrival carried"
+
+
+def test_a_flush_codes_the_views_that_wait_and_a_restored_state_still_holds_them(ds):
+    learner = make_learner(ds, OFFLINE, learner_codes_block=1000, **FAST)
+    learner.learn(unimodal_stream(ds, STREAM[:10]))
+    clone = FpocmhLearner.from_state(ModelState.from_bytes(learner.export_state().to_bytes()))
+    assert clone.uncoded == learner.uncoded == 20
+    mine, theirs = learner.flush().codes, clone.flush().codes
+    assert len(mine) == 20 and learner.uncoded == 0 and learner.flush().codes == []
+    key = lambda c: (c.item_id, c.modality.short)  # noqa: E731
+    for a, b in zip(sorted(mine, key=key), sorted(theirs, key=key), strict=True):
+        assert key(a) == key(b) and np.array_equal(a.code, b.code) and a.present == b.present
+
+
+def test_the_reservoir_rehearses_the_learner_code_once_written_with_stored_codes(ds):
+    batch = unimodal_stream(ds, STREAM[:12])
+    learner = {
+        kept: make_learner(ds, OFFLINE, learner_codes_block=0, **{"reservoir.codes": kept}, **FAST)
+        for kept in ("stored", "arrival")
+    }
+    written = {(c.item_id, c.modality): codes.unpack(c.code)[0] for c in learner["stored"].learn(batch).codes}
+    learner["arrival"].learn(batch)
+    without = make_learner(ds, OFFLINE, learner_codes=False, **FAST)
+    without.learn(batch)
+    for m in MODALITIES:
+        slots = np.flatnonzero(np.isin(learner["stored"].reservoir.ids[m], STREAM[:12]))
+        assert len(slots) == 12, "the reservoir is not full yet: every view has a slot"
+        stored = learner["stored"].reservoir
+        for slot in slots:
+            np.testing.assert_array_equal(stored.codes[m][slot], written[(int(stored.ids[m][slot]), m)])
+        np.testing.assert_array_equal(learner["arrival"].reservoir.codes[m], without.reservoir.codes[m])
+        assert not np.array_equal(stored.codes[m], without.reservoir.codes[m]), "the two kinds of code differ"
 
 
 def test_learner_codes_off_is_the_papers_form_and_a_state_from_before_them_loads_with_them_off(ds):
@@ -471,6 +520,17 @@ def test_learner_codes_off_is_the_papers_form_and_a_state_from_before_them_loads
     config = {k: v for k, v in state.meta["config"].items() if k != "learner_codes"}
     old = ModelState(state.method, state.version, state.parent_version, state.tensors, {**state.meta, "config": config})
     assert not FpocmhLearner.from_state(ModelState.from_bytes(old.to_bytes())).cfg.learner_codes
+
+
+def test_a_state_from_before_blocks_codes_after_each_batch_and_rehearses_arrival_codes(ds):
+    state = make_learner(ds, OFFLINE).export_state()
+    config = {k: v for k, v in state.meta["config"].items() if k != "learner_codes_block"}
+    config["reservoir"] = {k: v for k, v in config["reservoir"].items() if k != "codes"}
+    tensors = {k: v for k, v in state.tensors.items() if not k.startswith("waiting.")}
+    old = ModelState(state.method, state.version, state.parent_version, tensors, {**state.meta, "config": config})
+    learner = FpocmhLearner.from_state(ModelState.from_bytes(old.to_bytes()))
+    assert learner.cfg.learner_codes_block == 0 and learner.cfg.reservoir.codes == "arrival"
+    assert len(learner.learn(unimodal_stream(ds, STREAM[:4])).codes) == 8 and learner.uncoded == 0
 
 
 def test_a_state_from_before_schedule_restarts_loads_without_them(ds):

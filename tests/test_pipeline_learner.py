@@ -47,6 +47,20 @@ def skip_unless_learner_codes(cfg) -> None:
         pytest.skip("FPO-CMH with learner_codes (the default) codes every view it learnt")
 
 
+def pausing(cfg, **learner):
+    """The learner codes the views it learnt one second after the last arrival (blocks of 1,024 views
+    would not fill on these short streams)."""
+    return dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, flush_after_s=1.0, **learner))
+
+
+def coded_when_paused(learner: RoleThread, items: int) -> None:
+    """Wait until the learner has learnt ``items`` arrivals and, the stream having paused, coded every view."""
+    wait_until(lambda: learner.value("fpocmh_learner_items_total", outcome="learned") >= items, what="learnt")
+    assert learner.value("fpocmh_learner_views_uncoded") > 0, "the views wait for a block or a pause"
+    wait_until(lambda: learner.value("fpocmh_learner_views_uncoded") == 0, what="the pause coding the views")
+    time.sleep(0.5)  # the codes are held right after the gauge drops
+
+
 def consumed(role: RoleThread, cfg) -> float:
     return role.value("fpocmh_messages_consumed_total", role="learner", topic=cfg.topics.arrivals)
 
@@ -77,15 +91,13 @@ def test_the_encoder_codes_later_items_with_a_version_the_learner_published(lear
 
 
 def test_learner_codes_wait_for_the_encoders_and_stay_the_last_code_of_each_view(learner_cfg, mirflickr, p1, p1_config):
-    cfg = learner_cfg
+    cfg = pausing(learner_cfg)
     skip_unless_learner_codes(cfg)
     items = p1_chunk_records(mirflickr, p1, p1_config, 0)[:150]
     views = {schemas.code_key(r.item_id, m) for r in items for m in r.modalities}
     produce_arrivals(cfg, items)
     with RoleThread(run_learner, cfg) as learner:
-        learned = lambda: learner.value("fpocmh_learner_items_total", outcome="learned")  # noqa: E731
-        wait_until(lambda: learned() >= len(items), what="learner learning the arrivals")
-        time.sleep(0.5)  # the batch's codes are held right after its items are counted
+        coded_when_paused(learner, len(items))
         held = learner.value("fpocmh_learner_codes_held")
         assert not codes_of(read_all(cfg, cfg.topics.codes)), "no encoder has coded them yet: nothing written"
         with RoleThread(run_encoder, cfg):
@@ -108,13 +120,12 @@ def test_learner_codes_wait_for_the_encoders_and_stay_the_last_code_of_each_view
 
 
 def test_learner_codes_beyond_the_bound_or_at_a_stop_are_dropped_and_counted(learner_cfg, mirflickr, p1, p1_config):
-    cfg = dataclasses.replace(learner_cfg, learner=dataclasses.replace(learner_cfg.learner, max_held_codes=20))
+    cfg = pausing(learner_cfg, max_held_codes=20)
     skip_unless_learner_codes(cfg)
     items = p1_chunk_records(mirflickr, p1, p1_config, 0)[:100]
     produce_arrivals(cfg, items)
     with RoleThread(run_learner, cfg) as learner:  # no encoder: nothing is ever committed past
-        wait_until(lambda: learner.value("fpocmh_learner_items_total", outcome="learned") >= len(items), what="learnt")
-        time.sleep(0.5)
+        coded_when_paused(learner, len(items))
         assert 0 < learner.value("fpocmh_learner_codes_held") <= 20
         assert learner.value("fpocmh_learner_codes_total", outcome="dropped") > 0
     assert learner.value("fpocmh_learner_codes_held") == 0

@@ -24,7 +24,7 @@ def held(reservoir: CodeReservoir, modality: Modality) -> list[int]:
 def filled(capacity: int, n: int, seed: int = 0, **kwargs) -> CodeReservoir:
     reservoir = CodeReservoir(capacity, BITS, n_categories=4, seed=seed, **kwargs)
     for i in range(n):
-        reservoir.add(IMG, code_of(i), [i % 4], np.full(3, i, np.float32) if kwargs.get("dims") else None)
+        reservoir.add(IMG, i, code_of(i), [i % 4], np.full(3, i, np.float32) if kwargs.get("dims") else None)
     return reservoir
 
 
@@ -79,7 +79,34 @@ def test_tensors_round_trip_and_the_copy_continues_identically():
         copy = CodeReservoir.from_tensors({k.removeprefix("r."): v for k, v in reservoir.tensors("r").items()}, seed=5)
         for each in (reservoir, copy):
             for i in range(13, 40):
-                each.add(IMG, code_of(i), [i % 4], np.full(3, i, np.float32))
+                each.add(IMG, i, code_of(i), [i % 4], np.full(3, i, np.float32))
         assert held(reservoir, IMG) == held(copy, IMG) and copy.seen == reservoir.seen
+        np.testing.assert_array_equal(copy.ids[IMG], reservoir.ids[IMG])
         np.testing.assert_array_equal(copy.categories[IMG], reservoir.categories[IMG])
         assert (copy.features == {}) == (dims is None)
+
+
+def test_a_slot_knows_its_item_and_takes_a_newer_code_of_that_item_only():
+    reservoir = CodeReservoir(2, BITS, n_categories=4, seed=0)
+    slot = reservoir.add(IMG, 7, code_of(7), [0])
+    assert slot == 0 and reservoir.ids[IMG][slot] == 7
+    assert reservoir.replace_code(IMG, slot, 7, code_of(9))
+    assert held(reservoir, IMG) == [9], "the slot holds the item's newer code"
+    assert not reservoir.replace_code(IMG, slot, 8, code_of(3)), "another item's code never lands in it"
+    # Once a later item has taken the slot, a code of the earlier one no longer lands there.
+    taken = next(i for i in range(2, 100) if reservoir.add(IMG, i, code_of(i), [0]) == slot)
+    assert not reservoir.replace_code(IMG, slot, 7, code_of(5))
+    assert int(reservoir.ids[IMG][slot]) == taken
+
+
+def test_an_item_left_out_of_a_full_reservoir_gets_no_slot():
+    reservoir = filled(capacity=4, n=4)
+    slots = [reservoir.add(IMG, i, code_of(i), [0]) for i in range(4, 60)]
+    assert None in slots and all(s is None or 0 <= s < 4 for s in slots)
+
+
+def test_a_reservoir_saved_before_slots_kept_ids_loads_with_no_id_known():
+    tensors = {k.removeprefix("r."): v for k, v in filled(capacity=4, n=3).tensors("r").items() if ".id." not in k}
+    old = CodeReservoir.from_tensors(tensors, seed=0)
+    assert (old.ids[IMG] == -1).all() and held(old, IMG) == [0, 1, 2]
+    assert not old.replace_code(IMG, 0, 0, code_of(5)), "no id known: nothing replaced"

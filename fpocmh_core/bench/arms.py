@@ -4,11 +4,14 @@ Every arm stores database codes as the pipeline does. The encoder hashes each ar
 modalities with the model of that moment (the offline part, before the stream, with version 0); codes a
 learner assigns itself (``LearnReport.codes``, written by the pipeline's learner role as ``source:
 learner``) then replace the encoder's codes of those items, last write wins as on the compacted codes
-topic. Only DLCH assigns codes: at each chunk end the bench calls ``finish_increment``, the chunk being
-DLCH's increment (in the pipeline the increment closes when the next chunk's first arrival reaches the
-learner, or when the stream pauses), and the codes of that increment replace the encoder's: DCC codes for
-the items it learned from, codes of its updated networks for the ones it could not learn from. The
-offline rows keep the encoder's version-0 codes, as in a replay, not DLCH's original-phase codes B_o.
+topic. FPO-CMH (``learner_codes``) codes the views it learnt in blocks of ``learner_codes_block``; the
+bench never pauses it, so the views of the last, unfilled block keep the encoder's codes (the pipeline
+codes them once the stream has paused for ``learner.flush_after_s``). DLCH: at each chunk end the bench
+calls ``finish_increment``, the chunk being DLCH's increment (in the pipeline the increment closes when
+the next chunk's first arrival reaches the learner, or when the stream pauses), and the codes of that
+increment replace the encoder's: DCC codes for the items it learned from, codes of its updated networks
+for the ones it could not learn from. The offline rows keep the encoder's version-0 codes, as in a
+replay, not DLCH's original-phase codes B_o.
 """
 
 from __future__ import annotations

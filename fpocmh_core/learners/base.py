@@ -25,6 +25,7 @@ class CodeRecord:
     item_id: int
     modality: Modality
     code: np.ndarray  # packed uint8, bits/8 bytes
+    present: tuple[Modality, ...] = ()  # modalities the item arrived with, when the learner knows them
 
 
 @dataclass
@@ -62,6 +63,12 @@ class OnlineLearner(ABC):
     def bank_rows(self) -> int | None:
         """Rows (categories) of the learner's anchor bank; None for methods without one."""
         return None
+
+    @property
+    def uncoded(self) -> int:
+        """Learnt views whose codes the learner will assign later (FPO-CMH codes them in blocks); a
+        :meth:`flush` codes them."""
+        return 0
 
     @abstractmethod
     def learn(self, batch: Sequence[ItemRecord]) -> LearnReport:

@@ -44,13 +44,18 @@ learner_codes: false, lr_schedule.start: 1, lr_schedule.decay_steps: 0`` and the
   likelihood (the offline trainer's objective), with reservoir codes of both modalities, related when
   they share a category. The anchor terms compare an item with 24 category prototypes; this term gives
   the item-level signal the offline model was trained with, against codes that are in the database.
-- Learner codes (``learner_codes``): after each batch, every view the learner learnt from (weight > 0)
-  is coded by the model that has just learnt it, and that code replaces the encoder's (``report.codes``;
-  the pipeline writes it after the encoder's, consumers/learner_codes.py). Coded on arrival, before the
-  model had learnt from the item, a stored code missed the item's own lesson, which re-hashing then
-  gave back: on MIRFlickr at offline share 0.05 that was half the gap between stored and re-hashed mAP.
-  The reservoir keeps the codes views arrived with: rehearsing those held the model closer to where it
-  had been than rehearsing the learner's codes (stored - re-hashed I->T 0.0053 against 0.0072, seed 0).
+- Learner codes (``learner_codes``): every view the learner learnt from (weight > 0) is coded once more,
+  by the learner's model, and that code replaces the encoder's (``report.codes``; the pipeline writes it
+  after the encoder's, consumers/learner_codes.py). Coded on arrival, before the model had learnt from
+  the item, a stored code missed the item's own lesson, which re-hashing then gave back: on MIRFlickr at
+  offline share 0.05 that was half the gap between stored and re-hashed mAP. The learnt views wait in
+  blocks (``learner_codes_block``; a pause in the stream codes what waits, :meth:`flush`): a view is
+  coded by a model that has also learnt the views that came after it, not only its own batch. With
+  ``reservoir.codes: stored`` the learner code also replaces the arrival code in the view's reservoir
+  slot, so rehearsal holds the model to the codes the database holds. The two go together: coding in
+  blocks alone puts the stored codes ahead of what the model re-hashes (they were written by models
+  that had just learnt their neighbours), and rehearsing them pulls the model after them. Measured in
+  the README, "Learner codes in blocks, rehearsed as stored".
 - A learning-rate schedule, ``lr * start / (1 + n / decay_steps)`` at a modality's n-th step: learn
   early, when the stored codes are few and the model knows least, and settle later, so that most stored
   codes are written by a model close to the final one (which is what keeps stored and re-hashed mAP
@@ -72,7 +77,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fpocmh_core import codes, config
+from fpocmh_core import codes, config, schemas
 from fpocmh_core.bank import MODALITIES, AnchorBank, cosine, softmax
 from fpocmh_core.data import CrossModalDataset
 from fpocmh_core.learners import common
@@ -83,6 +88,7 @@ from fpocmh_core.records import ItemRecord, Modality
 from fpocmh_core.state import ModelState
 
 SPACES = ("auto", "separate", "joint")
+RESERVOIR_CODES = ("stored", "arrival")
 # Logit for bank rows that did not exist yet when an item arrived (promoted later in its segment).
 _ABSENT = -1e9
 
@@ -134,14 +140,19 @@ class LrScheduleConfig:
 @dataclass(frozen=True)
 class ReservoirConfig:
     """The reservoir of items with their stored codes (learners/reservoir.py): ``items`` slots per modality
-    (0 = none); ``inferred``: arrivals without labels join it with the categories the bank gave them."""
+    (0 = none); ``inferred``: arrivals without labels join it with the categories the bank gave them;
+    ``codes``: ``stored`` = a slot takes the learner code once it is written, ``arrival`` = it keeps the
+    code the view arrived with."""
 
     items: int
     inferred: bool
+    codes: str
 
     def __post_init__(self) -> None:
         if self.items < 0:
             raise config.ConfigError("fpocmh: reservoir.items must be >= 0")
+        if self.codes not in RESERVOIR_CODES:
+            raise config.ConfigError(f"fpocmh: reservoir.codes must be one of {RESERVOIR_CODES}, got {self.codes!r}")
 
 
 @dataclass(frozen=True)
@@ -180,6 +191,8 @@ class FpocmhConfig:
     reservoir: ReservoirConfig
     pairwise: PairwiseConfig
     learner_codes: bool
+    # Learnt views wait until this many wait, then all are coded (0: each batch's views after the batch).
+    learner_codes_block: int
     optimizer: common.OptimizerConfig
     offline: dict[str, Any]
 
@@ -188,6 +201,8 @@ class FpocmhConfig:
             raise config.ConfigError(f"fpocmh: feature_space must be one of {SPACES}, got {self.feature_space!r}")
         if self.mu < 1 or self.is_accessible_bank_count < 1:
             raise config.ConfigError("fpocmh: mu and is_accessible_bank_count must be >= 1")
+        if self.learner_codes_block < 0:
+            raise config.ConfigError("fpocmh: learner_codes_block must be >= 0")
         if self.reservoir.items == 0 and (self.pairwise.weight > 0 or self.code_rehearsal.stream):
             raise config.ConfigError("fpocmh: pairwise.weight > 0 and code_rehearsal.stream need reservoir.items > 0")
 
@@ -211,11 +226,14 @@ def load_vocabulary(path: str | Path) -> np.ndarray:
 
 @dataclass
 class _Learnt:
-    """An arrival's view the learner learnt from, to be coded once the batch is learnt."""
+    """An arrival's view the learner learnt from, waiting to be coded (``learner_codes``); ``slot``: its
+    reservoir slot, where the code goes too (``reservoir.codes: stored``), or -1."""
 
     item_id: int
     modality: Modality
     x: np.ndarray
+    present: tuple[Modality, ...]
+    slot: int = -1
 
 
 @dataclass
@@ -268,10 +286,15 @@ class FpocmhLearner(OnlineLearner):
         self.window = {m: 0 for m in MODALITIES}
         self.steps = {m: 0 for m in MODALITIES}
         self.rng_state = common.seeded_rng_state(cfg.seed)
+        self.waiting: list[_Learnt] = []
 
     @property
     def bank_rows(self) -> int:
         return len(self.bank)
+
+    @property
+    def uncoded(self) -> int:
+        return len(self.waiting)
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -300,9 +323,9 @@ class FpocmhLearner(OnlineLearner):
             dims = {m: feats[m].shape[1] for m in MODALITIES} if cfg.code_rehearsal.stream else None
             reservoir = CodeReservoir(cfg.reservoir.items, model.bits, n_categories, cfg.seed, dims)
             for m in MODALITIES:
-                for x, h, cats in zip(feats[m], relaxed[m], members[m], strict=True):
+                for row, x, h, cats in zip(rows, feats[m], relaxed[m], members[m], strict=True):
                     if cats.any():
-                        reservoir.add(m, h, np.flatnonzero(cats), x)
+                        reservoir.add(m, int(row), h, np.flatnonzero(cats), x)
         # Eval mode: the targets are the codes the offline model actually gave, without dropout noise.
         bank.set_rehearsal_targets(
             {m: codes.sign_codes(model.relaxed(bank.initial_feat[m], m)).astype(np.float32) for m in MODALITIES}
@@ -350,7 +373,9 @@ class FpocmhLearner(OnlineLearner):
             for m in MODALITIES:
                 self._backward(m, pending[m], totals, step=False)
         if self.cfg.learner_codes:
-            report.codes = self._code_learnt(learnt)
+            self.waiting.extend(learnt)
+            if len(self.waiting) >= self.cfg.learner_codes_block:
+                report.codes = self._code_waiting()
         report.losses = {
             "intra": totals["intra"] / max(totals["weighted"], 1.0),
             "inter": totals["inter"] / max(totals["weighted"], 1.0),
@@ -378,15 +403,26 @@ class FpocmhLearner(OnlineLearner):
                 out.append((i + 1, tuple(full)))
         return out
 
-    def _code_learnt(self, learnt: list[_Learnt]) -> list[CodeRecord]:
-        """Codes of the views learnt in this batch by the model that learnt them (``learner_codes``); the
-        reservoir keeps the codes they arrived with (module docstring)."""
+    def flush(self) -> LearnReport:
+        """The stream paused: code the learnt views that wait for a full block."""
+        return LearnReport(codes=self._code_waiting())
+
+    def _code_waiting(self) -> list[CodeRecord]:
+        """Codes of the waiting views by the current model (``learner_codes``), each also put in the view's
+        reservoir slot when the reservoir rehearses stored codes (module docstring)."""
         out = []
         for m in MODALITIES:
-            views = [v for v in learnt if v.modality is m]
-            if views:
-                packed = self.model.encode(np.stack([v.x for v in views]), m)
-                out.extend(CodeRecord(v.item_id, m, packed[i]) for i, v in enumerate(views))
+            views = [v for v in self.waiting if v.modality is m]
+            if not views:
+                continue
+            signs = codes.sign_codes(self.model.relaxed(np.stack([v.x for v in views]), m))
+            packed = codes.pack(signs)
+            out.extend(CodeRecord(v.item_id, m, packed[i], v.present) for i, v in enumerate(views))
+            if self.cfg.reservoir.codes == "stored":
+                for v, h in zip(views, signs, strict=True):
+                    if v.slot >= 0:
+                        self.reservoir.replace_code(m, v.slot, v.item_id, h)
+        self.waiting = []
         return out
 
     def _observe(
@@ -414,10 +450,11 @@ class FpocmhLearner(OnlineLearner):
                 pending[m].append(tgt)
             if self.bank.observe(m, x, stored[m][i], cats) and self.cfg.lr_schedule.restart_on_new_category:
                 self.steps = {k: 0 for k in MODALITIES}
+            slot = None
             if self.reservoir is not None and cats and (rec.labels is not None or self.cfg.reservoir.inferred):
-                self.reservoir.add(m, stored[m][i], cats, x)
+                slot = self.reservoir.add(m, rec.item_id, stored[m][i], cats, x)
             if tgt.weight > 0 and self.cfg.learner_codes:
-                learnt.append(_Learnt(rec.item_id, m, x))
+                learnt.append(_Learnt(rec.item_id, m, x, rec.modalities, -1 if slot is None else slot))
             self.window[m] += 1
             totals["weight"] += tgt.weight
             totals["views"] += 1
@@ -567,6 +604,7 @@ class FpocmhLearner(OnlineLearner):
         for m, (feats, stored) in self.replay.items():
             tensors[f"replay.feat.{m.short}"] = feats
             tensors[f"replay.code.{m.short}"] = stored
+        tensors.update(_waiting_tensors(self.waiting, {m: self.model.net(m).in_dim for m in MODALITIES}))
         meta = {
             "arch": self.model.arch(),
             "config": config.to_dict(self.cfg),
@@ -586,8 +624,10 @@ class FpocmhLearner(OnlineLearner):
             "lr_schedule": {"start": 1.0, "decay_steps": 0.0},
             "pairwise": {"weight": 0.0, "intra": 0.0, "scale": 1.0, "sample": 1},
             "learner_codes": False,
+            "learner_codes_block": 0,
             **state.meta["config"],
         }
+        saved["reservoir"] = {"codes": "arrival", **saved["reservoir"]}
         saved["code_rehearsal"] = {"stream": False, "new_category_weight": None, **saved["code_rehearsal"]}
         saved["lr_schedule"] = {"restart_on_new_category": False, "restart_start": None, **saved["lr_schedule"]}
         cfg = config.build(FpocmhConfig, saved, "fpocmh state")
@@ -607,8 +647,37 @@ class FpocmhLearner(OnlineLearner):
             learner.window[m] = int(state.meta["window"][m.short])
             learner.steps[m] = int(state.meta["steps"][m.short])
         learner.rng_state = torch.from_numpy(np.array(state.tensors["rng"]))
+        learner.waiting = _waiting_views(state)
         learner.version, learner.parent_version = state.version, state.parent_version
         return learner
+
+
+def _waiting_tensors(views: list[_Learnt], dims: Mapping[Modality, int]) -> dict[str, np.ndarray]:
+    """The learnt views that wait for their codes, per modality, for the learner's checkpoint."""
+    out = {}
+    for m in MODALITIES:
+        mine = [v for v in views if v.modality is m]
+        out[f"waiting.id.{m.short}"] = np.array([v.item_id for v in mine], np.int64)
+        out[f"waiting.slot.{m.short}"] = np.array([v.slot for v in mine], np.int64)
+        out[f"waiting.present.{m.short}"] = np.array([schemas.modality_mask(v.present) for v in mine], np.uint8)
+        out[f"waiting.feat.{m.short}"] = (
+            np.stack([v.x for v in mine]).astype(np.float32) if mine else np.zeros((0, dims[m]), np.float32)
+        )
+    return out
+
+
+def _waiting_views(state: ModelState) -> list[_Learnt]:
+    """Inverse of :func:`_waiting_tensors` (none in states saved before learnt views waited)."""
+    views = []
+    for m in MODALITIES:
+        if f"waiting.id.{m.short}" not in state.tensors:
+            continue
+        t = {k: np.asarray(state.tensors[f"waiting.{k}.{m.short}"]) for k in ("id", "slot", "present", "feat")}
+        views.extend(
+            _Learnt(int(i), m, x, schemas.mask_modalities(int(p)), int(s))
+            for i, s, p, x in zip(t["id"], t["slot"], t["present"], t["feat"], strict=True)
+        )
+    return views
 
 
 def stored_code_sample(

@@ -1,11 +1,13 @@
 """A uniform sample of the items an online learner has seen, with the codes they were stored with.
 
 Per modality, a fixed number of slots filled by reservoir sampling (Vitter's algorithm R): after ``n``
-items every one of them is in the sample with the same probability. Each slot holds the item's code in
-{-1, +1} as the learner's model of its arrival gave it (what the encoder stored, up to the version lag
-between encoder and learner), its categories and, when asked for, its features (float16), so that the
-codes it was stored with can be rehearsed. Offline items are offered first, with the codes the
-offline model stored, so the sample starts as the offline part and shifts towards the stream as it grows.
+items every one of them is in the sample with the same probability. Each slot holds the item's id, its
+code in {-1, +1} as the learner's model of its arrival gave it (what the encoder stored, up to the version
+lag between encoder and learner), its categories and, when asked for, its features (float16), so that the
+codes it was stored with can be rehearsed. When the learner later writes the item's code itself, it can
+put that code in the slot (:meth:`replace_code`): from then on it is the code the database holds. Offline
+items are offered first, with the codes the offline model stored, so the sample starts as the offline part
+and shifts towards the stream as it grows.
 
 Every random choice is a function of (seed, modality, count), so the sample needs no generator state:
 exporting the counts is enough for an exact resume, and feeding items one at a time or in micro-batches
@@ -45,7 +47,8 @@ def _mix_array(base: int, n: int) -> np.ndarray:
 
 
 class CodeReservoir:
-    """Per modality: up to ``capacity`` (stored code, categories) slots, a uniform sample of all items offered."""
+    """Per modality: up to ``capacity`` (item id, stored code, categories) slots, a uniform sample of all items
+    offered."""
 
     def __init__(
         self,
@@ -58,11 +61,14 @@ class CodeReservoir:
         categories: Mapping[Modality, np.ndarray] | None = None,
         features: Mapping[Modality, np.ndarray] | None = None,
         seen: Mapping[Modality, int] | None = None,
+        ids: Mapping[Modality, np.ndarray] | None = None,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"reservoir capacity must be >= 1, got {capacity}")
         self.capacity, self.seed = capacity, seed
         self.codes = {m: np.zeros((capacity, bits), np.int8) for m in MODALITIES}
+        # -1: no id known (an empty slot, or a reservoir saved before slots kept ids).
+        self.ids = {m: np.full(capacity, -1, np.int64) for m in MODALITIES}
         self.categories = {m: np.zeros((capacity, n_categories), bool) for m in MODALITIES}
         self.features = {m: np.zeros((capacity, dims[m]), np.float16) for m in MODALITIES} if dims else {}
         self.seen = {m: 0 for m in MODALITIES}
@@ -72,6 +78,8 @@ class CodeReservoir:
                 self.categories[m][: len(categories[m])] = categories[m]
             if features:
                 self.features[m][: len(features[m])] = features[m]
+            if ids is not None:
+                self.ids[m][: len(ids[m])] = ids[m]
             if seen is not None:
                 self.seen[m] = int(seen[m])
 
@@ -79,19 +87,36 @@ class CodeReservoir:
         return min(self.seen[modality], self.capacity)
 
     def add(
-        self, modality: Modality, code: np.ndarray, categories: Sequence[int], feature: np.ndarray | None = None
-    ) -> None:
+        self,
+        modality: Modality,
+        item_id: int,
+        code: np.ndarray,
+        categories: Sequence[int],
+        feature: np.ndarray | None = None,
+    ) -> int | None:
         """Offer one item: kept with probability capacity / items offered so far, in a slot chosen at random.
-        ``feature`` is required when the reservoir keeps features and ignored otherwise."""
+        ``feature`` is required when the reservoir keeps features and ignored otherwise. Returns the slot
+        the item took, or None."""
         n = self.seen[modality]
         slot = n if n < self.capacity else _mix(self.seed, MODALITIES.index(modality), n) % (n + 1)
+        self.seen[modality] = n + 1
         if slot < self.capacity:
+            self.ids[modality][slot] = item_id
             self.codes[modality][slot] = np.where(np.asarray(code) > 0, 1, -1)
             self.categories[modality][slot] = False
             self.categories[modality][slot, list(categories)] = True
             if self.features:
                 self.features[modality][slot] = feature
-        self.seen[modality] = n + 1
+            return slot
+        return None
+
+    def replace_code(self, modality: Modality, slot: int, item_id: int, code: np.ndarray) -> bool:
+        """Put a newer stored code of ``item_id`` into its slot; False (and nothing changed) when a later
+        item has taken the slot since."""
+        if self.ids[modality][slot] != item_id:
+            return False
+        self.codes[modality][slot] = np.where(np.asarray(code) > 0, 1, -1)
+        return True
 
     def sample(self, modality: Modality, key: int, n: int, categories: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """``n`` slots drawn with replacement, as a function of ``key``: their codes (float32) and whether
@@ -114,6 +139,7 @@ class CodeReservoir:
             if self.features:
                 out[f"{prefix}.features.{m.short}"] = self.features[m]
             out[f"{prefix}.code.{m.short}"] = self.codes[m]
+            out[f"{prefix}.id.{m.short}"] = self.ids[m]
             out[f"{prefix}.categories.{m.short}"] = self.categories[m].astype(np.uint8)
             out[f"{prefix}.seen.{m.short}"] = np.asarray([self.seen[m]], dtype=np.int64)
         return out
@@ -125,6 +151,7 @@ class CodeReservoir:
         cats = {m: np.asarray(tensors[f"categories.{m.short}"]).astype(bool) for m in MODALITIES}
         seen = {m: int(np.asarray(tensors[f"seen.{m.short}"])[0]) for m in MODALITIES}
         feats = {m: np.asarray(tensors[f"features.{m.short}"]) for m in MODALITIES if f"features.{m.short}" in tensors}
+        ids = {m: np.asarray(tensors[f"id.{m.short}"]) for m in MODALITIES if f"id.{m.short}" in tensors} or None
         dims = {m: f.shape[1] for m, f in feats.items()} or None
         capacity, bits = codes[Modality.IMAGE].shape
-        return cls(capacity, bits, cats[Modality.IMAGE].shape[1], seed, dims, codes, cats, feats, seen)
+        return cls(capacity, bits, cats[Modality.IMAGE].shape[1], seed, dims, codes, cats, feats, seen, ids)
