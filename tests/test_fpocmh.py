@@ -514,6 +514,18 @@ def test_the_reservoir_rehearses_the_learner_code_once_written_with_stored_codes
         assert not np.array_equal(stored.codes[m], without.reservoir.codes[m]), "the two kinds of code differ"
 
 
+def test_an_unlabelled_views_learner_code_is_written_but_not_rehearsed(ds):
+    batch = unimodal_stream(ds, STREAM[:12], labelled=False)
+    learner = make_learner(ds, OFFLINE, learner_codes_block=0, **FAST)
+    without = make_learner(ds, OFFLINE, learner_codes=False, **FAST)
+    report = learner.learn(batch)
+    without.learn(batch)
+    assert report.codes, "the bank gave some unlabelled views a category: they were learnt and coded"
+    assert any(np.isin(learner.reservoir.ids[m], STREAM[:12]).any() for m in MODALITIES), "and kept in the reservoir"
+    for m in MODALITIES:
+        np.testing.assert_array_equal(learner.reservoir.codes[m], without.reservoir.codes[m])
+
+
 def test_learner_codes_off_is_the_papers_form_and_a_state_from_before_them_loads_with_them_off(ds):
     assert make_learner(ds, OFFLINE, learner_codes=False).learn(unimodal_stream(ds, STREAM[:4])).codes == []
     state = make_learner(ds, OFFLINE).export_state()

@@ -51,8 +51,8 @@ learner_codes: false, lr_schedule.start: 1, lr_schedule.decay_steps: 0`` and the
   offline share 0.05 that was half the gap between stored and re-hashed mAP. The learnt views wait in
   blocks (``learner_codes_block``; a pause in the stream codes what waits, :meth:`flush`): a view is
   coded by a model that has also learnt the views that came after it, not only its own batch. With
-  ``reservoir.codes: stored`` the learner code also replaces the arrival code in the view's reservoir
-  slot, so rehearsal holds the model to the codes the database holds. The two go together: coding in
+  ``reservoir.codes: stored`` the learner code of a labelled view also replaces the arrival code in its
+  reservoir slot, so rehearsal holds the model to the codes the database holds. The two go together: coding in
   blocks alone puts the stored codes ahead of what the model re-hashes (they were written by models
   that had just learnt their neighbours), and rehearsing them pulls the model after them. Measured in
   the README, "Learner codes in blocks, rehearsed as stored".
@@ -226,8 +226,8 @@ def load_vocabulary(path: str | Path) -> np.ndarray:
 
 @dataclass
 class _Learnt:
-    """An arrival's view the learner learnt from, waiting to be coded (``learner_codes``); ``slot``: its
-    reservoir slot, where the code goes too (``reservoir.codes: stored``), or -1."""
+    """An arrival's view the learner learnt from, waiting to be coded (``learner_codes``); ``slot``: the
+    reservoir slot its code goes to as well (``reservoir.codes: stored``, labelled views), or -1."""
 
     item_id: int
     modality: Modality
@@ -454,7 +454,10 @@ class FpocmhLearner(OnlineLearner):
             if self.reservoir is not None and cats and (rec.labels is not None or self.cfg.reservoir.inferred):
                 slot = self.reservoir.add(m, rec.item_id, stored[m][i], cats, x)
             if tgt.weight > 0 and self.cfg.learner_codes:
-                learnt.append(_Learnt(rec.item_id, m, x, rec.modalities, -1 if slot is None else slot))
+                # Only a labelled view's learner code joins rehearsal: an unlabelled view's codes the model's
+                # own guess at its categories, and rehearsing it would entrench the guess (P1, label share 0).
+                keep = slot is not None and rec.labels is not None
+                learnt.append(_Learnt(rec.item_id, m, x, rec.modalities, slot if keep else -1))
             self.window[m] += 1
             totals["weight"] += tgt.weight
             totals["views"] += 1
