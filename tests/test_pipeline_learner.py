@@ -48,8 +48,8 @@ def skip_unless_learner_codes(cfg) -> None:
 
 
 def pausing(cfg, **learner):
-    """The learner codes the views it learnt one second after the last arrival (blocks of 1,024 views
-    would not fill on these short streams)."""
+    """The learner codes the views it learnt one second after the last arrival (blocks of
+    ``learner_codes_block`` views would not fill on these short streams)."""
     return dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, flush_after_s=1.0, **learner))
 
 

@@ -46,6 +46,11 @@ def _mix_array(base: int, n: int) -> np.ndarray:
         return h ^ (h >> np.uint64(31))
 
 
+def _signs(code: np.ndarray) -> np.ndarray:
+    """A code (relaxed or +-1) as the +-1 a slot stores."""
+    return np.where(np.asarray(code) > 0, 1, -1)
+
+
 class CodeReservoir:
     """Per modality: up to ``capacity`` (item id, stored code, categories) slots, a uniform sample of all items
     offered."""
@@ -102,7 +107,7 @@ class CodeReservoir:
         self.seen[modality] = n + 1
         if slot < self.capacity:
             self.ids[modality][slot] = item_id
-            self.codes[modality][slot] = np.where(np.asarray(code) > 0, 1, -1)
+            self.codes[modality][slot] = _signs(code)
             self.categories[modality][slot] = False
             self.categories[modality][slot, list(categories)] = True
             if self.features:
@@ -115,7 +120,7 @@ class CodeReservoir:
         item has taken the slot since."""
         if self.ids[modality][slot] != item_id:
             return False
-        self.codes[modality][slot] = np.where(np.asarray(code) > 0, 1, -1)
+        self.codes[modality][slot] = _signs(code)
         return True
 
     def sample(self, modality: Modality, key: int, n: int, categories: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
