@@ -10,9 +10,12 @@ Per store size (default 10^6 and 10^7 random 64-bit text codes):
 3. Snapshots: each shard layout's snapshots are written from the same codes, with the offsets the
    topic holds; restart time = loading the whole-store snapshot (CRC check included), and the time
    from starting a shard process to its first answer.
-4. For 1, 2 and 4 shards: shard processes start from their snapshots, then rounds of sequential
-   top-100 image queries through Kafka: round trip p50/p99, and the slowest shard's in-process search
-   time per query. The merged answers of the first queries are compared with one in-process store's.
+4. For 1, 2 and 4 shards: every layout's shard processes start from their snapshots and serve side by
+   side; then rounds of sequential top-100 image queries through Kafka, interleaved over the layouts
+   (probe i goes to every layout in turn, in an order that rotates), so a stretch of host noise falls on
+   every layout alike rather than on whichever one it happened to be running. Per layout: round trip
+   p50/p99, and the slowest shard's in-process search time per query. The merged answers of the first
+   queries are compared with one in-process store's.
 """
 
 from __future__ import annotations
@@ -46,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_broker_argument(parser)
     parser.add_argument("--sizes", type=float, nargs="+", default=[1e6, 1e7], help="stored codes per measurement")
     parser.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4], help="shard counts to compare")
-    parser.add_argument("--probes", type=int, default=300, help="sequential top-100 queries per round")
+    parser.add_argument(
+        "--probes", type=int, default=1000, help="top-100 queries per round, each sent to every layout in turn"
+    )
     parser.add_argument("--repeats", type=int, default=2, help="rounds per shard count; the best p99 is reported")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/bench_query"), help="snapshots and role logs")
 
@@ -210,45 +215,67 @@ def serve(cfg: Any, shards: int, work: Path, size: int, stop: threading.Event) -
 
 
 def probe(
-    cfg: Any, q_features: np.ndarray, probes: int, repeats: int, expected: tuple[np.ndarray, np.ndarray]
-) -> dict[str, Any]:
+    layouts: dict[int, Any], q_features: np.ndarray, probes: int, repeats: int, expected: tuple[np.ndarray, np.ndarray]
+) -> dict[int, dict[str, Any]]:
+    """Per shard count in ``layouts``: latencies of ``repeats`` rounds of ``probes`` interleaved queries."""
+    from contextlib import ExitStack
+
     from consumers.query_client import Query, QueryClient
     from fpocmh_core.records import Modality
 
-    rounds, searched, equal, lost = [], [], True, 0
-    with QueryClient(cfg) as client:
-        for i in range(CHECKED_QUERIES):
-            answer = client.search(Query(q_features[i], Modality.IMAGE, 100))
-            equal &= bool(
-                np.array_equal(answer.ids[0], expected[1][i]) and np.array_equal(answer.distances[0], expected[0][i])
-            )
-        for _ in range(repeats):
-            times = []
+    order = sorted(layouts)
+    times = {n: [[] for _ in range(repeats)] for n in order}
+    searched: dict[int, list[float]] = {n: [] for n in order}
+    lost = dict.fromkeys(order, 0)
+    with ExitStack() as stack:
+        clients = {n: stack.enter_context(QueryClient(layouts[n])) for n in order}
+        equal = {n: merged_equal(clients[n], q_features, expected) for n in order}
+        for r in range(repeats):
             for i in range(probes):
-                start = time.perf_counter()
-                try:
-                    answer = client.search(Query(q_features[i % len(q_features)], Modality.IMAGE, 100))
-                except TimeoutError as exc:  # counted, and in the percentiles at the full timeout
-                    log.warning("probe %d: %s", i, exc)
-                    lost += 1
-                else:
-                    searched.append(answer.search_seconds)
-                times.append(time.perf_counter() - start)
-            ms = 1e3 * np.array(times)
-            rounds.append((float(np.percentile(ms, 50)), float(np.percentile(ms, 99))))
-    best = min(rounds, key=lambda r: r[1])
-    return {
-        "p50_ms": best[0],
-        "p99_ms": best[1],
-        "rounds_p50_p99_ms": rounds,
-        # hashing + search in the slowest shard, median and p99 over all probes: the rest of a round
-        # trip is the broker and the clients
-        "search_ms": float(1e3 * np.median(searched)),
-        "search_p99_ms": float(1e3 * np.percentile(searched, 99)),
-        "merge_equal": equal,
-        # round trips without every shard's answer within query.client_timeout_s
-        "answers_lost": lost,
-    }
+                query = Query(q_features[i % len(q_features)], Modality.IMAGE, 100)
+                for n in order[i % len(order) :] + order[: i % len(order)]:
+                    start = time.perf_counter()
+                    try:
+                        answer = clients[n].search(query)
+                    except TimeoutError as exc:  # counted, and in the percentiles at the full timeout
+                        log.warning("%d shard(s), probe %d: %s", n, i, exc)
+                        lost[n] += 1
+                    else:
+                        searched[n].append(answer.search_seconds)
+                    times[n][r].append(time.perf_counter() - start)
+    measured = {}
+    for n in order:
+        rounds = [
+            (float(np.percentile(1e3 * np.array(t), 50)), float(np.percentile(1e3 * np.array(t), 99))) for t in times[n]
+        ]
+        best = min(rounds, key=lambda r: r[1])
+        measured[n] = {
+            "p50_ms": best[0],
+            "p99_ms": best[1],
+            "rounds_p50_p99_ms": rounds,
+            # hashing + search in the slowest shard, median and p99 over all probes: the rest of a round
+            # trip is the broker and the clients
+            "search_ms": float(1e3 * np.median(searched[n])),
+            "search_p99_ms": float(1e3 * np.percentile(searched[n], 99)),
+            "merge_equal": equal[n],
+            # round trips without every shard's answer within query.client_timeout_s
+            "answers_lost": lost[n],
+        }
+    return measured
+
+
+def merged_equal(client: Any, q_features: np.ndarray, expected: tuple[np.ndarray, np.ndarray]) -> bool:
+    """Whether the tier's merged answers to the first queries equal one in-process store's, ties included."""
+    from consumers.query_client import Query
+    from fpocmh_core.records import Modality
+
+    equal = True
+    for i in range(CHECKED_QUERIES):
+        answer = client.search(Query(q_features[i], Modality.IMAGE, 100))
+        equal &= bool(
+            np.array_equal(answer.ids[0], expected[1][i]) and np.array_equal(answer.distances[0], expected[0][i])
+        )
+    return equal
 
 
 def run(args: argparse.Namespace) -> int:
@@ -312,33 +339,28 @@ def run(args: argparse.Namespace) -> int:
             expected = single.search(q_codes, Modality.TEXT, 100)
             del single
             row: dict[str, Any] = {"bytes_per_code": per_code, "catchup_codes_per_s": rate, "produce_s": produce_s}
-            for shards in sorted(args.shards):
-                write_s, load_s = write_snapshots(sized, ids, codes, ends, shards)
-                if shards == 1:
-                    row["snapshot_write_s"], row["restart_seconds"] = write_s, load_s
-                # Fresh request and answer topics per layout: a new shard group would otherwise first
-                # answer the previous layout's requests (those younger than query.max_request_age_s).
-                layout = fresh_request_topics(sized, f"{tag}-{shards}")
-                roles, ready_s = serve(layout, shards, work, size, stop)
-                try:
-                    measured = probe(layout, q_features, args.probes, args.repeats, expected)
-                finally:
-                    for role in roles:
-                        role.stop()
-                rounds.append(
-                    {
-                        "codes": size,
-                        "shards": shards,
-                        "ready_s": ready_s,
-                        "snapshot_load_s": load_s,
-                        **measured,
-                    }
-                )
+            layouts, roles, started = {}, [], {}
+            try:
+                for shards in sorted(args.shards):
+                    write_s, load_s = write_snapshots(sized, ids, codes, ends, shards)
+                    if shards == 1:
+                        row["snapshot_write_s"], row["restart_seconds"] = write_s, load_s
+                    # Request and answer topics per layout: every layout serves at once, and a shard
+                    # group must answer only its own layout's requests.
+                    layouts[shards] = fresh_request_topics(sized, f"{tag}-{shards}")
+                    served, ready_s = serve(layouts[shards], shards, work, size, stop)
+                    roles += served
+                    started[shards] = {"ready_s": ready_s, "snapshot_load_s": load_s}
+                measured = probe(layouts, q_features, args.probes, args.repeats, expected)
+            finally:
+                for role in roles:
+                    role.stop()
+            for shards, m in measured.items():
+                rounds.append({"codes": size, "shards": shards, **started[shards], **m})
                 print(
-                    f"  {shards} shard(s): p50 {measured['p50_ms']:.1f} ms, p99 {measured['p99_ms']:.1f} ms, "
-                    f"search {measured['search_ms']:.1f} ms, ready {ready_s:.1f} s after start, "
-                    f"{measured['answers_lost']} answers lost, "
-                    f"merge equal {measured['merge_equal']}",
+                    f"  {shards} shard(s): p50 {m['p50_ms']:.1f} ms, p99 {m['p99_ms']:.1f} ms, "
+                    f"search {m['search_ms']:.1f} ms, ready {started[shards]['ready_s']:.1f} s after start, "
+                    f"{m['answers_lost']} answers lost, merge equal {m['merge_equal']}",
                     flush=True,
                 )
             summary["sizes"][str(size)] = row

@@ -105,8 +105,8 @@ def make_consumer(cfg: PipelineConfig, role: str, group: str | None, fetch_wait_
     return Consumer(consumer_config(cfg, role, group, fetch_wait_max_ms, **props))
 
 
-# The query readers' fetch wait on brokers that answer a waiting fetch at once (see query_fetch_wait_ms).
-LONG_POLL_MS = 100
+# The fetch wait of quiet topics' readers on brokers that answer a waiting fetch at once (follow_wait_ms).
+LONG_POLL_MS = 500
 
 
 def is_tansu(cfg: PipelineConfig) -> bool:
@@ -125,16 +125,21 @@ def watermarks_are_exact(cfg: PipelineConfig) -> bool:
     return not is_tansu(cfg)
 
 
-def query_fetch_wait_ms(cfg: PipelineConfig) -> int:
-    """fetch.wait.max.ms of the query tier's readers (requests, answers, codes).
+def follow_wait_ms(cfg: PipelineConfig, short_ms: int) -> int:
+    """fetch.wait.max.ms of a reader that follows a topic which is mostly quiet (requests, answers,
+    codes, models).
 
     tansu holds an empty fetch for its whole wait even when a record arrives meanwhile (measured: 1.1 ms
-    median delivery at 2 ms, 39 ms at 100 ms), so there the short ``query.fetch_wait_max_ms`` is the
-    latency. Apache Kafka answers a waiting fetch as soon as a record arrives, so a longer wait adds no
-    latency, while a short one costs the broker a request every few milliseconds per idle reader: six
-    idle readers took ~60% of a core at 2 ms and ~10% at 100 ms, cores the shards' scans need."""
-    wait = cfg.query.fetch_wait_max_ms
-    return wait if is_tansu(cfg) else max(wait, LONG_POLL_MS)
+    median delivery at 2 ms, 39 ms at 100 ms), so there the short wait is the latency. Apache Kafka
+    answers a waiting fetch as soon as a record arrives, so a longer wait adds no latency, while a short
+    one costs the broker a request every few milliseconds per idle reader: six idle readers took ~60% of
+    a core at 2 ms and ~10% at 100 ms, cores the shards' scans need."""
+    return short_ms if is_tansu(cfg) else max(short_ms, LONG_POLL_MS)
+
+
+def query_fetch_wait_ms(cfg: PipelineConfig) -> int:
+    """fetch.wait.max.ms of the query tier's readers (requests, answers, codes)."""
+    return follow_wait_ms(cfg, cfg.query.fetch_wait_max_ms)
 
 
 def topic_id(cfg: PipelineConfig, topic: str) -> str | None:

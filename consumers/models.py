@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from confluent_kafka import Message
 
+from consumers.kafka import follow_wait_ms
 from consumers.runtime import Runtime, TopicReader
 from fpocmh_core import schemas
 from fpocmh_core.learners.base import model_from_state
@@ -31,6 +32,8 @@ PART_OVERHEAD_BYTES = 16384
 # Accepted versions kept ready besides the newest: an at-least-once encoder re-coding a batch after a
 # crash needs the version the batch's first attempt used (consumers/intents.py).
 RECENT_VERSIONS = 8
+# A new version is taken at most this late on a broker that holds an empty fetch (tansu).
+MODELS_FETCH_WAIT_MS = 50
 
 
 def publish_model(rt: Runtime, state: ModelState, body: bytes | None = None) -> int:
@@ -89,10 +92,11 @@ class ModelFollower:
     the poll loop never waits while a large update is checked and parsed.
     """
 
-    def __init__(self, rt: Runtime, fetch_wait_max_ms: int = 50) -> None:
+    def __init__(self, rt: Runtime) -> None:
         # Its own producer for dead letters: the role's may be transactional, and this runs on another thread.
         self.rt = Runtime(rt.cfg, rt.role, rt.metrics, rt.stop)
-        self.reader = TopicReader(self.rt, rt.cfg.topics.models, _decode_part, fetch_wait_max_ms)
+        self.fetch_wait_ms = follow_wait_ms(rt.cfg, MODELS_FETCH_WAIT_MS)
+        self.reader = TopicReader(self.rt, rt.cfg.topics.models, _decode_part, self.fetch_wait_ms)
         self.assembler = schemas.ModelUpdateAssembler()
         self.key = rt.cfg.model_key()
         warn_unauthenticated(rt.role, self.key)

@@ -10,9 +10,13 @@ import pytest
 from confluent_kafka import KafkaException, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource
 from pipeline_support import read_topic
+from prometheus_client import CollectorRegistry
 
 from consumers import apache_kafka, kafka, settings
 from consumers.broker import BROKER_KINDS, BrokerError, local_broker
+from consumers.metrics import Metrics
+from consumers.models import MODELS_FETCH_WAIT_MS, ModelFollower
+from consumers.runtime import Runtime
 from fpocmh_core.config import ConfigError
 
 pytestmark = pytest.mark.broker
@@ -60,10 +64,18 @@ def test_a_cluster_id_that_starts_with_a_dash_formats_the_log_directory(tmp_path
     assert "cluster.id=-" in (tmp_path / "kraft" / "data" / "meta.properties").read_text()
 
 
-def test_query_readers_wait_long_only_where_the_broker_answers_a_waiting_fetch_at_once(pipeline_cfg):
+def test_readers_of_quiet_topics_wait_long_only_where_the_broker_answers_a_waiting_fetch_at_once(pipeline_cfg):
     # tansu holds an empty fetch for its whole wait, so there the short configured wait is the latency.
-    expected = pipeline_cfg.query.fetch_wait_max_ms if kafka.is_tansu(pipeline_cfg) else kafka.LONG_POLL_MS
+    tansu = kafka.is_tansu(pipeline_cfg)
+    expected = pipeline_cfg.query.fetch_wait_max_ms if tansu else kafka.LONG_POLL_MS
     assert kafka.query_fetch_wait_ms(pipeline_cfg) == expected
+    rt = Runtime(pipeline_cfg, "query", Metrics(CollectorRegistry()))
+    follower = ModelFollower(rt)
+    try:
+        expected = MODELS_FETCH_WAIT_MS if tansu else kafka.LONG_POLL_MS
+        assert follower.fetch_wait_ms == expected
+    finally:
+        follower.close()
 
 
 def test_apache_kafka_without_its_jars_names_the_install_command(tmp_path):
