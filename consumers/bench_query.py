@@ -253,9 +253,7 @@ def probe(
                     times[n][r].append(time.perf_counter() - start)
     measured = {}
     for n in order:
-        rounds = [
-            (float(np.percentile(1e3 * np.array(t), 50)), float(np.percentile(1e3 * np.array(t), 99))) for t in times[n]
-        ]
+        rounds = [tuple(float(v) for v in np.percentile(1e3 * np.array(t), [50, 99])) for t in times[n]]
         best = min(rounds, key=lambda r: r[1])
         measured[n] = {
             "p50_ms": best[0],
@@ -350,7 +348,10 @@ def run(args: argparse.Namespace) -> int:
     summary: dict[str, Any] = {"broker": "external" if cfg.bootstrap_servers else kind, "bits": cfg.bits, "sizes": {}}
     rounds: list[dict[str, Any]] = []
     with connect(cfg, work, kind) as cfg:
-        probes = args.probes or (TANSU_PROBES if is_tansu(cfg) else PROBES)
+        # Side by side where idle readers cost the broker little (long polls); tansu holds every empty
+        # fetch for its 2 ms wait, and seven idle shard processes saturate it.
+        tansu = is_tansu(cfg)
+        probes = args.probes or (TANSU_PROBES if tansu else PROBES)
         summary["probes"] = probes
         q_features = ds.image[: max(probes, CHECKED_QUERIES)]
         q_codes = model.encode(q_features[:CHECKED_QUERIES], Modality.IMAGE)
@@ -378,10 +379,8 @@ def run(args: argparse.Namespace) -> int:
             expected = single.search(q_codes, Modality.TEXT, 100)
             del single
             row: dict[str, Any] = {"bytes_per_code": per_code, "catchup_codes_per_s": rate, "produce_s": produce_s}
-            # Side by side where idle readers cost the broker little (long polls); tansu holds every
-            # empty fetch for its 2 ms wait, and seven idle shard processes saturate it.
             counts = sorted(args.shards)
-            waves = [[n] for n in counts] if is_tansu(sized) else [counts]
+            waves = [[n] for n in counts] if tansu else [counts]
             measured: dict[int, dict[str, Any]] = {}
             for wave in waves:
                 measured |= serve_and_probe(
