@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 BATCH = 20_000
 CHECKED_QUERIES = 20
 PROBES = 1000
-# tansu stopped answering some 4-shard requests after a few thousand probes in one run (session 9).
+# tansu stops answering 4-shard requests after 700-1,400 probes in one run (README, "Query tier").
 TANSU_PROBES = 300
 
 

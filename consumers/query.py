@@ -188,9 +188,9 @@ class QueryService:
                 empty = np.zeros((req.features.shape[0], 0), np.int64)
                 result = self._result(req, "bad_request", empty, empty, 0.0, error)
             body, headers = schemas.encode_result(result)
-            self.rt.produce(
-                req.reply_topic, body, key=req.correlation_id.encode(), headers=headers, partition=req.reply_partition
-            )
+            partition = self.shard.reply_partition(req.reply_partition, self._reply_partitions[req.reply_topic])
+            key = req.correlation_id.encode()
+            self.rt.produce(req.reply_topic, body, key=key, headers=headers, partition=partition)
             self.rt.metrics.query_answers.labels("query", result.status).inc()
             self.rt.metrics.query_duration.labels("query").observe(time.perf_counter() - start)
 

@@ -38,11 +38,13 @@ log = logging.getLogger(__name__)
 CONSISTENCY_LEVELS = ("eventual", "session", "strong")
 # Shards answering on different model versions hash the query differently: ask again this often.
 MODEL_MISMATCH_RETRIES = 3
-# tansu sometimes stops serving fetches that start at one offset of a partition, though the record
-# is there (seen about once in 2,000 round trips, when two shards appended answers to one partition
-# within a millisecond; a seek or a new consumer at that offset got nothing, a consumer starting
-# earlier read through it): after this long without a message while answers are due, the client
-# starts a new consumer REWIND records back (answers are matched by id, so re-reading is harmless).
+# tansu 0.6.0 sometimes stops serving fetches that start at one offset of a partition, though the
+# record is there. Concurrent appends to one partition set it off (scripts/tansu_append_stall.py: four
+# producers appending one record each per round to one partition stopped after 441-1,390 rounds in
+# eight runs, never to resume in the four that waited; on a partition each, 3,000-4,000 rounds ran).
+# So shard s answers on a partition of its own (ShardSpec.reply_partition), and after this long without
+# a message while answers are due the client starts a new consumer REWIND records back (answers are
+# matched by id, so re-reading is harmless), for clients whose shards still share a partition.
 STALL_S = 0.5
 REWIND = 100
 
@@ -84,8 +86,9 @@ class SessionOffsets:
 class QueryClient:
     """Sends retrieval requests and waits for their answers (matched by correlation id).
 
-    Answers come back on one partition of the results topic, read from its current end; on tansu the
-    end it reports can be a little early, which only means a few older answers are skipped by id.
+    Shard s answers on partition ``reply_partition + s`` of the results topic (modulo its partition
+    count); the client reads every partition from its current end. On tansu the end it reports can be
+    a little early, which only means a few older answers are skipped by id.
     """
 
     def __init__(
@@ -107,15 +110,17 @@ class QueryClient:
         self._fetch_wait_ms = query_fetch_wait_ms(cfg)
         self.consumer = self._answers_consumer()
         topic = cfg.topics.results
-        self.reply_partition = (
-            random.choice(partitions_of(self.consumer, topic)) if reply_partition is None else reply_partition
-        )
-        tp = TopicPartition(topic, self.reply_partition)
-        _low, high = self.consumer.get_watermark_offsets(tp, timeout=10)
-        self._at = TopicPartition(topic, self.reply_partition, max(high, 0))
-        self.consumer.assign([self._at])
+        partitions = partitions_of(self.consumer, topic)
+        self.reply_partition = random.choice(partitions) if reply_partition is None else reply_partition
+        # Shard s of S answers on partition reply_partition + s (mod the count): read them all, from their ends.
+        self._at = [self._end(TopicPartition(topic, p)) for p in partitions]
+        self.consumer.assign(self._at)
         self._answers: dict[str, ShardAnswers] = {}
         self._heard_at = time.monotonic()
+
+    def _end(self, tp: TopicPartition) -> TopicPartition:
+        _low, high = self.consumer.get_watermark_offsets(tp, timeout=10)
+        return TopicPartition(tp.topic, tp.partition, max(high, 0))
 
     def _answers_consumer(self) -> Consumer:
         q = self.cfg.query
@@ -187,12 +192,13 @@ class QueryClient:
                 self._answers.setdefault(result.correlation_id, ShardAnswers()).add(result)
 
     def _restart_fetch(self) -> None:
-        (at,) = self.consumer.position([self._at])
-        if at.offset >= 0:
-            self._at = TopicPartition(at.topic, at.partition, max(0, at.offset - REWIND))
+        self._at = [
+            TopicPartition(at.topic, at.partition, max(0, at.offset - REWIND) if at.offset >= 0 else was.offset)
+            for at, was in zip(self.consumer.position(self._at), self._at, strict=True)
+        ]
         self.consumer.close()
         self.consumer = self._answers_consumer()
-        self.consumer.assign([self._at])
+        self.consumer.assign(self._at)
         self._heard_at = time.monotonic()
 
     def _finish(self, cid: str, answers: ShardAnswers) -> schemas.QueryResult:

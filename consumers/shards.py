@@ -3,8 +3,9 @@
 Shard ``s`` of ``S`` owns the codes partitions ``{p : p mod S = s}``, read with ``assign()`` (no
 group: no state moves in a rebalance). Every shard sees every request: it consumes the queries topic
 in a consumer group of its own, which its replicas share. Each answers its local top-k tagged with
-``(s, S)`` and the offsets its store reflects; the client merges the ``S`` answers by (distance,
-item id), which equals one store's answer on the union of the codes, ties included.
+``(s, S)`` and the offsets its store reflects, on a reply partition of its own; the client merges the
+``S`` answers by (distance, item id), which equals one store's answer on the union of the codes, ties
+included.
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ class ShardSpec:
     def group(self, base: str) -> str:
         """The shard's consumer group on the queries topic: its replicas share it."""
         return base if self.whole else f"{base}-s{self.index}of{self.count}"
+
+    def reply_partition(self, asked: int, partitions: int) -> int:
+        """Where this shard answers a request that asked for ``asked`` (-1: by key): shard s on
+        ``asked + s``, so the S answers to one request land on different partitions while there are
+        enough of them (tansu stalls readers of a partition that takes concurrent appends)."""
+        return asked if asked < 0 else (asked + self.index) % partitions
 
     @property
     def tag(self) -> str:

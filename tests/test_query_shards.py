@@ -9,7 +9,16 @@ import threading
 import numpy as np
 import pytest
 from confluent_kafka.admin import AdminClient
-from pipeline_support import RoleThread, fresh_metrics, model_state, produce_raw, publish, read_topic, wait_until
+from pipeline_support import (
+    RoleThread,
+    fresh_metrics,
+    model_state,
+    produce_raw,
+    publish,
+    read_all,
+    read_topic,
+    wait_until,
+)
 
 from consumers import code_log
 from consumers.kafka import admin_config, ensure_topics, make_producer
@@ -94,6 +103,22 @@ def test_two_shards_answer_exactly_what_one_store_answers_ties_included(cfg, mod
         np.testing.assert_array_equal(answer.distances, dist)
         np.testing.assert_array_equal(answer.ids, ids)
         assert len(set(answer.distances[:, -1].tolist())) < k, "the cut at k falls inside a tie somewhere"
+
+
+def test_each_shard_answers_a_request_on_its_own_partition_of_the_results_topic(cfg, model, mirflickr):
+    """tansu stalls readers of a partition that takes concurrent appends, and every shard answers at once."""
+    produce_codes(cfg, model, mirflickr, np.arange(200))
+    last = cfg.partitions.results - 1
+    with RoleThread(run_query, cfg, shard=TWO[0]), RoleThread(run_query, cfg, shard=TWO[1]):
+        with QueryClient(cfg, reply_partition=last) as client:
+            wait_for_codes(client, 200)
+            cid = client.send(Query(mirflickr.image[0], Modality.IMAGE, 10))
+            (answer,) = client.collect([cid])
+
+    assert answer.status == "ok" and answer.shard_count == 2
+    replies = [m for m in read_all(cfg, cfg.topics.results) if m.key() == cid.encode()]
+    shard_of = {m.partition(): schemas.decode_result(m.value(), m.headers()).shard for m in replies}
+    assert shard_of == {last: 0, 0: 1}, "shard s on the asked partition + s, wrapping round"
 
 
 def service(cfg, shard, stop):

@@ -141,6 +141,13 @@ def test_shard_specs_parse_and_split_partitions():
             ShardSpec.parse(bad)
 
 
+def test_shards_answer_on_consecutive_reply_partitions_and_by_key_when_none_was_asked():
+    assert [ShardSpec(s, 4).reply_partition(2, 4) for s in range(4)] == [2, 3, 0, 1]
+    assert [ShardSpec(s, 4).reply_partition(1, 2) for s in range(4)] == [1, 0, 1, 0], "fewer partitions than shards"
+    assert ShardSpec().reply_partition(3, 4) == 3
+    assert ShardSpec(1, 2).reply_partition(-1, 4) == -1
+
+
 # ------------------------------------------------------------------------------------------ snapshots
 
 
