@@ -624,6 +624,7 @@ class QueryRequest:
 
     ``min_offsets`` is the consistency bound: answer only from a store that has applied the codes
     topic at least up to these next offsets, waiting at most ``wait_ms`` for it (empty: no bound).
+    ``reply_partition`` is where shard 0 answers; shard s answers ``s`` partitions further on (-1: any).
     """
 
     correlation_id: str
