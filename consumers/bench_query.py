@@ -57,8 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--probes",
         type=int,
         default=None,
-        help="top-100 queries per round, each sent to every layout in turn (default 1000; 300 on tansu, which "
-        "stops answering some 4-shard requests after a few thousand in one run)",
+        help=f"top-100 queries per round, each sent to every layout in turn (default {PROBES}; {TANSU_PROBES} on "
+        "tansu, which stops answering 4-shard requests after 700-1,400 in one run)",
     )
     parser.add_argument("--repeats", type=int, default=2, help="rounds per shard count; the best p99 is reported")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/bench_query"), help="snapshots and role logs")

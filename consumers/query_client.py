@@ -109,18 +109,20 @@ class QueryClient:
         self.producer = make_producer(cfg, "query-client", **{"linger.ms": 0})
         self._fetch_wait_ms = query_fetch_wait_ms(cfg)
         self.consumer = self._answers_consumer()
-        topic = cfg.topics.results
-        partitions = partitions_of(self.consumer, topic)
-        self.reply_partition = random.choice(partitions) if reply_partition is None else reply_partition
         # Shard s of S answers on partition reply_partition + s (mod the count): read them all, from their ends.
-        self._at = [self._end(TopicPartition(topic, p)) for p in partitions]
+        self._at = self._ends(cfg.topics.results)
+        self.reply_partition = random.choice(self._at).partition if reply_partition is None else reply_partition
         self.consumer.assign(self._at)
         self._answers: dict[str, ShardAnswers] = {}
         self._heard_at = time.monotonic()
 
-    def _end(self, tp: TopicPartition) -> TopicPartition:
-        _low, high = self.consumer.get_watermark_offsets(tp, timeout=10)
-        return TopicPartition(tp.topic, tp.partition, max(high, 0))
+    def _ends(self, topic: str) -> list[TopicPartition]:
+        """Every partition of ``topic`` at its high watermark now (ListOffsets)."""
+        ends = []
+        for p in partitions_of(self.consumer, topic):
+            _low, high = self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            ends.append(TopicPartition(topic, p, max(high, 0)))
+        return ends
 
     def _answers_consumer(self) -> Consumer:
         q = self.cfg.query
@@ -133,12 +135,7 @@ class QueryClient:
     def strong_bound(self) -> schemas.Offsets:
         """The codes topic's high watermarks now (ListOffsets). Exact on Apache Kafka; tansu reports
         the start of the newest record batch + 1, so there a strong read may miss that batch's tail."""
-        topic = self.cfg.topics.codes
-        ends = []
-        for p in partitions_of(self.consumer, topic):
-            _low, high = self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            ends.append((p, max(high, 0)))
-        return tuple(ends)
+        return tuple((tp.partition, tp.offset) for tp in self._ends(self.cfg.topics.codes))
 
     def bound(self, consistency: str, session: SessionOffsets | None = None) -> schemas.Offsets:
         if consistency == "eventual":
