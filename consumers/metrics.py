@@ -112,6 +112,19 @@ class Metrics:
             "Share of arrivals the learner learns from (1 while it keeps pace)",
             registry=registry,
         )
+        self.learner_drift = Gauge(
+            "fpocmh_learner_stored_minus_rehashed_map",
+            "FPO-CMH's last self-check: mAP over the reservoir's stored codes of this modality minus over the same "
+            "items re-hashed now (negative: the model ran ahead of its stored codes)",
+            ["modality"],
+            registry=registry,
+        )
+        self.learner_rehearsal_weight = Gauge(
+            "fpocmh_learner_rehearsal_weight",
+            "Stored-code rehearsal weight of this modality's network, as FPO-CMH's self-check set it",
+            ["modality"],
+            registry=registry,
+        )
         self.learner_steps = Counter(
             "fpocmh_learner_steps_total", "Optimiser steps per modality", ["modality"], registry=registry
         )

@@ -15,6 +15,7 @@ from fpocmh_core import codes, evaluation
 from fpocmh_core.bank import MODALITIES, AnchorBank
 from fpocmh_core.data import CrossModalDataset
 from fpocmh_core.learners.fpocmh import FpocmhLearner, load_config
+from fpocmh_core.learners.self_check import RehearsalWeights, SelfCheckConfig, stored_minus_rehashed
 from fpocmh_core.nets import HashModel
 from fpocmh_core.offline import TrainingSet, load_offline_config, train_offline
 from fpocmh_core.protocols import p1_chunk_records
@@ -256,6 +257,57 @@ def test_the_lighter_rehearsal_changes_learning_only_after_a_new_category(ds):
         learner.learn(new_row)
         learner.learn(old_images[50:52])
     assert not same(), "after it, the lighter rehearsal weight reaches the image network's step"
+
+
+def test_the_rehearsal_weight_halves_while_stored_codes_keep_pace_and_doubles_once_the_model_runs_ahead():
+    cfg = SelfCheckConfig(every=1, items=8, queries=8, band=0.004, min_weight=0.5)
+    weights = RehearsalWeights(cfg, weight=5.0)
+    weights.update({IMG: +0.003, TXT: -0.006})
+    assert weights.weights == {IMG: 2.5, TXT: 5.0}, "the weight never exceeds the configured one"
+    weights.update({IMG: -0.001, TXT: -0.003})
+    assert weights.weights == {IMG: 1.25, TXT: 5.0}, "between -band and -band / 2 a weight stays"
+    for _ in range(4):
+        weights.update({IMG: 0.0, TXT: 0.0})
+    assert weights.weights == {IMG: 0.5, TXT: 0.5}
+    weights.update({IMG: -0.01, TXT: -0.002})
+    assert weights.weights == {IMG: 1.0, TXT: 0.5}
+
+
+def test_the_self_check_sees_stored_codes_fall_behind_in_the_modality_whose_codes_fell_behind(ds):
+    learner = make_learner(ds, OFFLINE)
+    before = stored_minus_rehashed(learner.model, learner.reservoir, items=120, queries=120)
+    size = learner.reservoir.size(TXT)
+    flipped = np.random.default_rng(0).random((size, 16)) < 0.3
+    learner.reservoir.codes[TXT][:size][flipped] *= -1  # as if the text codes had been stored by a worse model
+    after = stored_minus_rehashed(learner.model, learner.reservoir, items=120, queries=120)
+    assert after[TXT] < before[TXT] - 0.05, "image queries find related texts worse through the stored codes"
+    assert after[IMG] == pytest.approx(before[IMG]), "the image codes did not change"
+
+
+def test_the_self_check_steers_each_networks_rehearsal_only_after_a_new_category_and_survives_a_restart(ds):
+    has3 = ds.labels[:, 3] == 1
+    # A band this wide counts any drift as keeping pace, so every check halves the weights.
+    check = {"code_rehearsal.self_check.every": 8, "code_rehearsal.self_check.items": 64}
+    learners = [
+        make_learner(ds, OFFLINE[~has3[OFFLINE]], mu=2, learner_codes_block=4, **{**check, **switch})
+        for switch in ({"code_rehearsal.self_check.band": 1.0}, {"code_rehearsal.self_check.every": 0})
+    ]
+    old = unimodal_stream(ds, [int(r) for r in STREAM if not has3[r]])
+    for learner in learners:
+        learner.learn(old[:24])
+    assert learners[0].rehearsal == {}, "no self-check before the stream brings a category"
+    assert same(params(learners[0], TXT), params(learners[1], TXT))
+    for learner in learners:
+        learner.learn(unimodal_stream(ds, [next(int(r) for r in STREAM if has3[r])]))
+        learner.learn(old[24:40])
+    measured = learners[0].rehearsal
+    assert {m: w for m, (_, w) in measured.items()} == {IMG: 2.5, TXT: 2.5} and learners[1].rehearsal == {}
+    clone = FpocmhLearner.from_state(ModelState.from_bytes(learners[0].export_state().to_bytes()))
+    assert clone.rehearsal == measured and clone.unchecked == learners[0].unchecked
+    for each in (*learners, clone):
+        each.learn(old[40:60])
+    assert same(params(learners[0], TXT), params(clone, TXT)) and clone.rehearsal == learners[0].rehearsal
+    assert not same(params(learners[0], TXT), params(learners[1], TXT)), "the steered weight reaches the step"
 
 
 def test_an_item_without_category_weighs_zero_and_sends_no_gradient(ds):
@@ -545,10 +597,10 @@ def test_a_state_from_before_blocks_codes_after_each_batch_and_rehearses_arrival
     assert len(learner.learn(unimodal_stream(ds, STREAM[:4])).codes) == 8 and learner.uncoded == 0
 
 
-def test_a_state_from_before_schedule_restarts_loads_without_them(ds):
+def test_a_state_from_before_schedule_restarts_and_the_self_check_loads_without_them(ds):
     state = make_learner(ds, OFFLINE).export_state()
     config = {**state.meta["config"]}
-    since = ("restart_on_new_category", "restart_start", "new_category_weight")
+    since = ("restart_on_new_category", "restart_start", "new_category_weight", "self_check")
     for section in ("lr_schedule", "code_rehearsal"):
         config[section] = {k: v for k, v in config[section].items() if k not in since}
     old = ModelState(state.method, state.version, state.parent_version, state.tensors, {**state.meta, "config": config})
@@ -557,6 +609,7 @@ def test_a_state_from_before_schedule_restarts_loads_without_them(ds):
     assert cfg.lr_schedule.restart_start is None and cfg.code_rehearsal.new_category_weight is None
     assert cfg.lr_schedule.factor(0, new_category=True) == cfg.lr_schedule.start
     assert cfg.code_rehearsal.weight_for(new_category=True) == cfg.code_rehearsal.weight
+    assert not cfg.code_rehearsal.self_checked
 
 
 def test_a_state_from_before_the_reservoir_loads_and_learns_without_it(ds):

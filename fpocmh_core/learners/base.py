@@ -70,6 +70,12 @@ class OnlineLearner(ABC):
         :meth:`flush` codes them."""
         return 0
 
+    @property
+    def rehearsal(self) -> dict[Modality, tuple[float, float]]:
+        """Per network: (stored minus re-hashed mAP its last self-check measured, the rehearsal weight it
+        steers); empty for methods without one (:mod:`fpocmh_core.learners.self_check`)."""
+        return {}
+
     @abstractmethod
     def learn(self, batch: Sequence[ItemRecord]) -> LearnReport:
         """Update from a batch of arrivals (in arrival order)."""

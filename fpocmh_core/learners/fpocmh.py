@@ -63,6 +63,12 @@ learner_codes: false, lr_schedule.start: 1, lr_schedule.decay_steps: 0`` and the
   (15x rather than 5x): the schedule has decayed by then, and the new category would be learnt slowly.
   ``code_rehearsal.new_category_weight`` can also lighten the rehearsal from then on (off by default: it
   learns more with a strong offline model and lets stored codes fall behind with a weak one).
+- A self-check (``code_rehearsal.self_check``, learners/self_check.py): once the stream has brought a new
+  category, the learner measures on its reservoir how far the stored codes and its model have parted
+  (retrieval over stored codes against the same items re-hashed now) and sets each network's rehearsal
+  weight from it, lighter while the stored codes keep pace, heavier once the model runs ahead of them. A
+  strong offline model then learns the new categories with light rehearsal and a weak one keeps its
+  rehearsal heavy, with no setting tuned per dataset.
 README, "Partial-modal stream (FPO-CMH, protocol P1)", has the settings measured side by side.
 """
 
@@ -83,6 +89,7 @@ from fpocmh_core.data import CrossModalDataset
 from fpocmh_core.learners import common
 from fpocmh_core.learners.base import CodeRecord, LearnReport, OnlineLearner
 from fpocmh_core.learners.reservoir import CodeReservoir
+from fpocmh_core.learners.self_check import RehearsalWeights, SelfCheckConfig, stored_minus_rehashed
 from fpocmh_core.nets import HashModel
 from fpocmh_core.records import ItemRecord, Modality
 from fpocmh_core.state import ModelState
@@ -105,6 +112,13 @@ class CodeRehearsalConfig:
     stream: bool
     # The weight once the bank holds a category the offline part lacked (None: ``weight`` throughout).
     new_category_weight: float | None
+    # From then on, each network's weight steered by the learner's own drift measure (learners/self_check.py),
+    # where the reservoir keeps features (``stream``) and no fixed ``new_category_weight`` is set.
+    self_check: SelfCheckConfig
+
+    @property
+    def self_checked(self) -> bool:
+        return bool(self.self_check.every) and self.stream and self.new_category_weight is None
 
     def __post_init__(self) -> None:
         if self.items < 0 or self.batch < 1 or self.weight < 0 or (self.new_category_weight or 0) < 0:
@@ -287,6 +301,9 @@ class FpocmhLearner(OnlineLearner):
         self.steps = {m: 0 for m in MODALITIES}
         self.rng_state = common.seeded_rng_state(cfg.seed)
         self.waiting: list[_Learnt] = []
+        self.weights = RehearsalWeights(cfg.code_rehearsal.self_check, cfg.code_rehearsal.weight)
+        # Learner codes written since the last self-check.
+        self.unchecked = 0
 
     @property
     def bank_rows(self) -> int:
@@ -295,6 +312,18 @@ class FpocmhLearner(OnlineLearner):
     @property
     def uncoded(self) -> int:
         return len(self.waiting)
+
+    @property
+    def rehearsal(self) -> dict[Modality, tuple[float, float]]:
+        return {m: (gap, self.weights.weights[m]) for m, gap in self.weights.gaps.items()}
+
+    def _self_checking(self) -> bool:
+        return self.cfg.code_rehearsal.self_checked and self.bank.has_new_category
+
+    def _rehearsal_weight(self, m: Modality) -> float:
+        if self._self_checking():
+            return self.weights.weights[m]
+        return self.cfg.code_rehearsal.weight_for(self.bank.has_new_category)
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -422,6 +451,12 @@ class FpocmhLearner(OnlineLearner):
                 for v, h in zip(views, signs, strict=True):
                     if v.slot >= 0:
                         self.reservoir.replace_code(m, v.slot, v.item_id, h)
+        if self._self_checking():
+            self.unchecked += len(self.waiting)
+            check = self.cfg.code_rehearsal.self_check
+            if self.unchecked >= check.every:
+                self.weights.update(stored_minus_rehashed(self.model, self.reservoir, check.items, check.queries))
+                self.unchecked = 0
         self.waiting = []
         return out
 
@@ -529,7 +564,7 @@ class FpocmhLearner(OnlineLearner):
             if replay_codes is not None:
                 replayed = ((out[at + anchors :] - torch.from_numpy(replay_codes)) ** 2).mean()
                 totals["replay"] += float(replayed.detach())
-                loss = loss + self.cfg.code_rehearsal.weight_for(self.bank.has_new_category) * replayed
+                loss = loss + self._rehearsal_weight(m) * replayed
         loss.backward()
         tgts.clear()
         if step:
@@ -614,6 +649,7 @@ class FpocmhLearner(OnlineLearner):
             "feature_space": self.space,
             "window": {m.short: self.window[m] for m in MODALITIES},
             "steps": {m.short: self.steps[m] for m in MODALITIES},
+            "rehearsal": {**self.weights.to_meta(), "unchecked": self.unchecked},
         }
         return ModelState(self.method, self.version, self.parent_version, tensors, meta)
 
@@ -631,7 +667,12 @@ class FpocmhLearner(OnlineLearner):
             **state.meta["config"],
         }
         saved["reservoir"] = {"codes": "arrival", **saved["reservoir"]}
-        saved["code_rehearsal"] = {"stream": False, "new_category_weight": None, **saved["code_rehearsal"]}
+        saved["code_rehearsal"] = {
+            "stream": False,
+            "new_category_weight": None,
+            "self_check": {"every": 0, "items": 1, "queries": 1, "band": 1.0, "min_weight": 0.0},
+            **saved["code_rehearsal"],
+        }
         saved["lr_schedule"] = {"restart_on_new_category": False, "restart_start": None, **saved["lr_schedule"]}
         cfg = config.build(FpocmhConfig, saved, "fpocmh state")
         model = HashModel.from_tensors(state.meta["arch"], state.subset("model"))
@@ -651,6 +692,9 @@ class FpocmhLearner(OnlineLearner):
             learner.steps[m] = int(state.meta["steps"][m.short])
         learner.rng_state = torch.from_numpy(np.array(state.tensors["rng"]))
         learner.waiting = _waiting_views(state)
+        if "rehearsal" in state.meta:  # states from before the self-check keep the configured weight
+            learner.weights.load_meta(state.meta["rehearsal"])
+            learner.unchecked = int(state.meta["rehearsal"]["unchecked"])
         learner.version, learner.parent_version = state.version, state.parent_version
         return learner
 

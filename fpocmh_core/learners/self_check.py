@@ -1,0 +1,107 @@
+"""The learner's own measure of how far its stored codes and its model have parted, and the rehearsal
+weight it steers with it.
+
+The database's stored codes never change, the model keeps learning: retrieval over the stored codes and
+over the same items re-hashed by the model now drift apart, either way. The reservoir
+(learners/reservoir.py) is a uniform sample of the database holding each item's stored code, categories
+and features, so the learner can measure that drift itself: queries of one modality from the reservoir,
+hashed now, against the reservoir's codes of the other modality, stored versus re-hashed. On P3 (MIRFlickr,
+seed 0, offline share 0.3 and 0.05, two rehearsal weights) this estimate tracked the benchmark's stored
+minus re-hashed mAP on held-out queries within 0.001 (README, "Rehearsal weight from a self-check").
+
+How hard rehearsal must hold the model to the stored codes depends on the offline model: with a strong
+one the stored codes keep pace and lighter rehearsal learns new categories better; with a weak one the
+model runs ahead of every stored code. :class:`RehearsalWeights` therefore sets each network's rehearsal
+weight from the drift of the codes it wrote: halved while they keep pace, doubled once the model runs
+ahead of them by more than ``band``, within [``min_weight``, the configured weight].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from fpocmh_core import codes, config, evaluation
+from fpocmh_core.learners.reservoir import CodeReservoir
+from fpocmh_core.nets import HashModel
+from fpocmh_core.records import Modality
+
+MODALITIES = (Modality.IMAGE, Modality.TEXT)
+
+
+@dataclass(frozen=True)
+class SelfCheckConfig:
+    """``every`` learnt views (0 = off) once the bank holds a category the offline part lacked, measure
+    the drift on ``items`` reservoir slots per modality (up to ``queries`` of them also query) and
+    steer the rehearsal weights; ``band``: how far the model may run ahead of its stored codes (in mAP)
+    before its rehearsal weight doubles; ``min_weight``: the lightest rehearsal."""
+
+    every: int
+    items: int
+    queries: int
+    band: float
+    min_weight: float
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.items < 1 or self.queries < 1:
+            raise config.ConfigError("fpocmh: code_rehearsal.self_check needs every >= 0, items >= 1 and queries >= 1")
+        if self.band <= 0 or self.min_weight < 0:
+            raise config.ConfigError("fpocmh: code_rehearsal.self_check needs band > 0 and min_weight >= 0")
+
+
+def stored_minus_rehashed(
+    model: HashModel, reservoir: CodeReservoir, items: int, queries: int
+) -> dict[Modality, float]:
+    """Per modality m: mAP of the other modality's queries over m's stored codes minus over m's codes
+    re-hashed by ``model``, on evenly spaced reservoir slots (empty dict while either modality is empty).
+    Negative: the model has run ahead of the codes it stored."""
+    sizes = {m: reservoir.size(m) for m in MODALITIES}
+    if min(sizes.values()) == 0:
+        return {}
+    rows = {m: np.linspace(0, sizes[m] - 1, min(items, sizes[m])).astype(np.intp) for m in MODALITIES}
+    now = {m: codes.pack(codes.sign_codes(model.relaxed(reservoir.features[m][rows[m]], m))) for m in MODALITIES}
+    stored = {m: codes.pack(reservoir.codes[m][rows[m]]) for m in MODALITIES}
+    labels = {m: reservoir.categories[m][rows[m]] for m in MODALITIES}
+    gaps = {}
+    for m in MODALITIES:
+        q = m.other
+        n = min(queries, rows[q].size)
+        maps = [
+            evaluation.mean_average_precision(now[q][:n], database, labels[q][:n], labels[m])
+            for database in (stored[m], now[m])
+        ]
+        gaps[m] = maps[0] - maps[1]
+    return gaps
+
+
+class RehearsalWeights:
+    """Each network's stored-code rehearsal weight, steered by the drift of the codes it wrote."""
+
+    def __init__(self, cfg: SelfCheckConfig, weight: float, weights: Mapping[Modality, float] | None = None) -> None:
+        self.cfg, self.max_weight = cfg, weight
+        self.weights = dict(weights) if weights else dict.fromkeys(MODALITIES, weight)
+        self.gaps: dict[Modality, float] = {}
+
+    def to_meta(self) -> dict[str, dict[str, float]]:
+        """The weights and last drift, for the learner's state (JSON)."""
+        return {
+            "weights": {m.short: w for m, w in self.weights.items()},
+            "gaps": {m.short: g for m, g in self.gaps.items()},
+        }
+
+    def load_meta(self, meta: Mapping[str, Mapping[str, float]]) -> None:
+        """Inverse of :meth:`to_meta`."""
+        self.weights = {m: float(meta["weights"][m.short]) for m in MODALITIES}
+        self.gaps = {m: float(meta["gaps"][m.short]) for m in MODALITIES if m.short in meta["gaps"]}
+
+    def update(self, gaps: Mapping[Modality, float]) -> None:
+        """Halve a network's weight while its stored codes keep pace (drift above -band / 2), double it
+        once the model runs ahead by more than ``band``; in between it stays."""
+        self.gaps = dict(gaps)
+        for m, gap in gaps.items():
+            if gap < -self.cfg.band:
+                self.weights[m] = min(self.max_weight, max(self.weights[m], self.cfg.min_weight) * 2)
+            elif gap > -self.cfg.band / 2:
+                self.weights[m] = max(self.cfg.min_weight, self.weights[m] / 2)
