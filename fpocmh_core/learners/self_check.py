@@ -6,8 +6,9 @@ over the same items re-hashed by the model now drift apart, either way. The rese
 (learners/reservoir.py) is a uniform sample of the database holding each item's stored code, categories
 and features, so the learner can measure that drift itself: queries of one modality from the reservoir,
 hashed now, against the reservoir's codes of the other modality, stored versus re-hashed. On P3 (MIRFlickr,
-seed 0, offline share 0.3 and 0.05, two rehearsal weights) this estimate tracked the benchmark's stored
-minus re-hashed mAP on held-out queries within 0.001 (README, "Rehearsal weight from a self-check").
+seed 0, offline share 0.3 and 0.05, two rehearsal weights) this estimate, taken with 1,000 queries over all
+8,192 slots, tracked the benchmark's stored minus re-hashed mAP on held-out queries within 0.001; the
+default check takes 2,048 slots and 500 queries (README, "Rehearsal weight from a self-check").
 
 How hard rehearsal must hold the model to the stored codes depends on the offline model: with a strong
 one the stored codes keep pace and lighter rehearsal learns new categories better; with a weak one the
