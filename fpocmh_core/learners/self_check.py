@@ -25,11 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from fpocmh_core import codes, config, evaluation
-from fpocmh_core.learners.reservoir import CodeReservoir
+from fpocmh_core.learners.reservoir import MODALITIES, CodeReservoir
 from fpocmh_core.nets import HashModel
 from fpocmh_core.records import Modality
-
-MODALITIES = (Modality.IMAGE, Modality.TEXT)
 
 
 @dataclass(frozen=True)
@@ -80,9 +78,9 @@ def stored_minus_rehashed(
 class RehearsalWeights:
     """Each network's stored-code rehearsal weight, steered by the drift of the codes it wrote."""
 
-    def __init__(self, cfg: SelfCheckConfig, weight: float, weights: Mapping[Modality, float] | None = None) -> None:
+    def __init__(self, cfg: SelfCheckConfig, weight: float) -> None:
         self.cfg, self.max_weight = cfg, weight
-        self.weights = dict(weights) if weights else dict.fromkeys(MODALITIES, weight)
+        self.weights = dict.fromkeys(MODALITIES, weight)
         self.gaps: dict[Modality, float] = {}
 
     def to_meta(self) -> dict[str, dict[str, float]]:
