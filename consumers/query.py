@@ -294,7 +294,7 @@ def run_query(
             cfg.query.batch_size,
             cfg.query.poll_timeout_s,
             before_close=service.snapshot,
-            async_commit=True,
+            commit_every_s=cfg.query.commit_every_s,
         )
     finally:
         metrics.store_ready.set(0)

@@ -163,6 +163,33 @@ def first_offsets(msgs: Iterable[Message]) -> list[TopicPartition]:
     return [TopicPartition(t, p, o) for (t, p), o in low.items()]
 
 
+class IntervalCommits:
+    """Offsets of finished batches, sent to the coordinator at most once per ``every_s`` (and at stop).
+
+    For a role whose redone batch is harmless (queries: a second answer is ignored by its correlation
+    id), a commit per batch only loads the broker: each is a request plus an append to the offsets
+    topic, and on a shared machine that work lands in the middle of the shards' scans. A crash redoes
+    at most ``every_s`` worth of batches (requests older than ``query.max_request_age_s`` are skipped).
+    """
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self._due: dict[tuple[str, int], TopicPartition] = {}
+        self._sent_at = time.monotonic()
+
+    def add(self, offsets: Iterable[TopicPartition]) -> None:
+        for tp in offsets:
+            self._due[(tp.topic, tp.partition)] = tp
+
+    def take(self, force: bool = False) -> list[TopicPartition]:
+        """The offsets to commit now: all that are due once ``every_s`` passed (or ``force``), else none."""
+        now = time.monotonic()
+        if not self._due or (not force and now - self._sent_at < self.every_s):
+            return []
+        due, self._due, self._sent_at = list(self._due.values()), {}, now
+        return due
+
+
 def _record_size(msg: Message) -> int:
     headers = msg.headers()
     size = len(msg) + len(msg.key() or b"")  # len(msg): the value's length
@@ -429,20 +456,34 @@ class Runtime:
         return [out for item in batch for out in self._isolated(call, [item])]
 
     def _batch(
-        self, consumer: Consumer, handler: Handler, msgs: list[Message], commit: bool, async_commit: bool = False
+        self,
+        consumer: Consumer,
+        handler: Handler,
+        msgs: list[Message],
+        commit: bool,
+        interval: IntervalCommits | None = None,
     ) -> None:
         batch = self.decode_all(msgs, handler.decode)
         if batch:
             self._process(handler, batch)
-        self._finish(consumer, handler, msgs, commit, async_commit)
+        self._finish(consumer, handler, msgs, commit, interval=interval)
 
     def _finish(
-        self, consumer: Consumer, handler: Handler, msgs: list[Message], commit: bool, async_commit: bool = False
+        self,
+        consumer: Consumer,
+        handler: Handler,
+        msgs: list[Message],
+        commit: bool,
+        async_commit: bool = False,
+        interval: IntervalCommits | None = None,
     ) -> None:
-        """Wait until the batch's outputs are acknowledged, then commit its offsets."""
+        """Wait until the batch's outputs are acknowledged, then commit its offsets (or leave them to
+        ``interval``)."""
         self.flush()
         faults.point(f"{self.role}.before_commit")
-        if commit and async_commit:
+        if commit and interval is not None:
+            interval.add(next_offsets(msgs))
+        elif commit and async_commit:
             consumer.commit(offsets=next_offsets(msgs), asynchronous=True)
         elif commit:
             self.commit(consumer, next_offsets(msgs))
@@ -542,18 +583,19 @@ class Runtime:
         commit: bool = True,
         before_close: Callable[[], None] | None = None,
         fill_batches: bool = False,
-        async_commit: bool = False,
+        commit_every_s: float | None = None,
     ) -> None:
         """Poll until the stop flag is set, then call ``before_close`` and close the consumer.
 
-        ``async_commit`` for a role whose redone batch is harmless (queries: a second answer is ignored by
-        its correlation id), so no batch waits for the coordinator's round trip.
+        ``commit_every_s`` for a role whose redone batch is harmless: no batch waits for the coordinator,
+        and offsets go out asynchronously at most that often (:class:`IntervalCommits`), the last at stop.
 
         With ``commit=False`` the handler commits (the learner, after its checkpoints). With
         ``fill_batches`` a poll waits up to ``poll_timeout_s`` for a full batch (throughput roles:
         fewer, larger output batches) instead of returning with the first message (latency roles).
         """
-        overlap = commit and not async_commit and not self.transactional and hasattr(handler, "prepare")
+        interval = IntervalCommits(commit_every_s) if commit and commit_every_s is not None else None
+        overlap = commit and interval is None and not self.transactional and hasattr(handler, "prepare")
         pending: list[Message] = []  # an overlapped batch produced, not yet acknowledged and committed
         try:
             while not self.stop.is_set():
@@ -572,14 +614,18 @@ class Runtime:
                         self._overlapped(consumer, handler, msgs, pending)  # type: ignore[arg-type]
                         pending = msgs
                     else:
-                        self._batch(consumer, handler, msgs, commit, async_commit)
+                        self._batch(consumer, handler, msgs, commit, interval)
                     self.metrics.batch_duration.labels(self.role).observe(time.perf_counter() - start)
                 elif pending:  # the stream paused: no batch to overlap with
                     self._finish(consumer, handler, pending, commit=True)
                     pending = []
+                if interval is not None and (due := interval.take()):
+                    consumer.commit(offsets=due, asynchronous=True)
                 self.update_lag(consumer)
             if pending:
                 self._finish(consumer, handler, pending, commit=True)
+            if interval is not None:
+                self.commit(consumer, interval.take(force=True))
             if before_close is not None:
                 before_close()
             log.info("%s: stopped: last batch flushed and committed; closing", self.role)

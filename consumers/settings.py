@@ -106,6 +106,7 @@ class QueryConfig:
     fetch_wait_max_ms: int
     codes_batch_size: int
     max_request_age_s: float
+    commit_every_s: float
     client_timeout_s: float
     threads: int
     metrics_port: int
@@ -198,6 +199,8 @@ class PipelineConfig:
         for name in ("encoder", "learner", "query"):
             if getattr(self, name).batch_size < 1:
                 raise config.ConfigError(f"pipeline: {name}.batch_size must be >= 1")
+        if self.query.commit_every_s < 0:
+            raise config.ConfigError(f"pipeline: query.commit_every_s must be >= 0, got {self.query.commit_every_s}")
         if self.query.shards < 1:
             raise config.ConfigError(f"pipeline: query.shards must be >= 1, got {self.query.shards}")
         if self.query.missing_shards not in ("error", "partial"):

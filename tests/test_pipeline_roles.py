@@ -3,8 +3,11 @@ search, model hot swap, dead letters."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
+from confluent_kafka import TopicPartition
 from pipeline_support import (
     RoleThread,
     codes_of,
@@ -18,6 +21,7 @@ from pipeline_support import (
 )
 
 from consumers.encoder import run_encoder
+from consumers.kafka import make_consumer, partitions_of
 from consumers.query import Query, QueryClient, run_query
 from fpocmh_core import codes as codes_mod
 from fpocmh_core import schemas
@@ -158,3 +162,27 @@ def test_bad_queries_are_refused_or_dead_lettered_and_the_query_role_keeps_servi
     assert any("dims" in d for d in details)
     assert any("no-such-topic" in d for d in details)
     assert all(schemas.header(m.headers(), schemas.DLQ_ROLE) == b"query" for m in dead)
+
+
+def test_the_query_role_commits_answered_requests_on_its_interval_and_at_stop(pipeline_cfg, mirflickr):
+    cfg = dataclasses.replace(pipeline_cfg, query=dataclasses.replace(pipeline_cfg.query, commit_every_s=3600.0))
+    publish(cfg, model_state(mirflickr.dims, cfg.bits))
+    with RoleThread(run_query, cfg):
+        with QueryClient(cfg) as client:
+            client.status(timeout_s=60)
+            client.search_many([Query(mirflickr.image[i], Modality.IMAGE, 5) for i in range(3)])
+        held_back = committed_requests(cfg)
+    stopped = committed_requests(cfg)
+
+    assert held_back == 0, "within the interval no answered request is committed"
+    assert stopped == 4, "stopping commits every answered request (a status probe and three searches)"
+
+
+def committed_requests(cfg) -> int:
+    """Requests the query group committed, over every partition of the queries topic."""
+    consumer = make_consumer(cfg, "test", cfg.query.group, 100)
+    try:
+        parts = [TopicPartition(cfg.topics.queries, p) for p in partitions_of(consumer, cfg.topics.queries)]
+        return sum(max(tp.offset, 0) for tp in consumer.committed(parts, timeout=30))
+    finally:
+        consumer.close()
