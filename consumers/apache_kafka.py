@@ -30,6 +30,12 @@ POM = ROOT / "deploy" / "kafka" / "pom.xml"
 LOG4J_CONFIG = ROOT / "deploy" / "kafka" / "log4j2.properties"
 INSTALL_HINT = "run `make install` (scripts/fetch_kafka.sh fetches the broker with Maven)"
 HEAP = "-Xmx512m"
+# The client JIT only (C1). Under the query benchmark the server JIT's compiler thread kept a fifth of
+# a core busy for minutes, pre-empting the shards' scans on a 2-core machine; without it the broker also
+# moved more (produce -> consume bound 86,000-110,000 against 68,000-78,000 items/s, alternated runs;
+# README, "Query tier" and "Streaming pipeline"). A short-lived local broker rarely earns back what the
+# server JIT costs.
+JIT = "-XX:TieredStopAtLevel=1"
 
 # A single node: internal topics with one replica, groups that form at once, topics only on purpose
 # (as in docker-compose.yml). Small internal topics start faster; tests and benchmarks add their own.
@@ -113,6 +119,7 @@ class ApacheKafkaBroker(BrokerProcess):
         return [
             "java",
             heap,
+            JIT,
             "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
             "-cp",
@@ -145,11 +152,10 @@ class ApacheKafkaBroker(BrokerProcess):
     def _format(self, props: Path) -> None:
         # One in 64 such ids starts with "-": only the "--cluster-id=" form keeps it from reading as an option.
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-        # The storage tool is a short-lived JVM: a small heap, and the client JIT only.
+        # The storage tool is a short-lived JVM: a small heap.
         argv = self.java(
             "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}", "-c", str(props), heap="-Xmx256m"
         )
-        argv.insert(1, "-XX:TieredStopAtLevel=1")
         done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise BrokerError(f"formatting {props.parent} failed: {(done.stdout + done.stderr).strip()[-500:]}")
