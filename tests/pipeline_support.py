@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, Message
+from confluent_kafka import OFFSET_BEGINNING, Message, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from consumers import settings
-from consumers.kafka import TOPIC_NAMES, assign_all, ensure_topics, make_consumer
+from consumers.kafka import TOPIC_NAMES, assign_all, ensure_topics, make_consumer, partitions_of
 from consumers.metrics import Metrics
 from consumers.models import publish_model
 from consumers.runtime import Runtime
@@ -161,6 +161,16 @@ def read_codes_until(
         consumer.close()
     assert not missing, f"{len(missing)} of {len(keys)} keys without a code from the {source} after {timeout_s} s"
     return out
+
+
+def committed_total(cfg: PipelineConfig, group: str, topic: str) -> int:
+    """The offsets ``group`` committed, summed over every partition of ``topic`` (what it read in all)."""
+    consumer = make_consumer(cfg, "test", group, 100)
+    try:
+        parts = [TopicPartition(topic, p) for p in partitions_of(consumer, topic)]
+        return sum(max(tp.offset, 0) for tp in consumer.committed(parts, timeout=30))
+    finally:
+        consumer.close()
 
 
 def codes_of(msgs: Sequence[Message]) -> list[schemas.CodeMessage]:

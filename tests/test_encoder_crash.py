@@ -12,11 +12,18 @@ import subprocess
 import sys
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, TopicPartition
-from pipeline_support import checked_model_state, codes_of, produce_arrivals, publish, wait_until
+from confluent_kafka import OFFSET_BEGINNING
+from pipeline_support import (
+    checked_model_state,
+    codes_of,
+    committed_total,
+    produce_arrivals,
+    publish,
+    wait_until,
+)
 
 from consumers import settings
-from consumers.kafka import assign_all, is_tansu, make_consumer, partitions_of
+from consumers.kafka import assign_all, is_tansu, make_consumer
 from fpocmh_core import schemas
 from fpocmh_core.protocols import p1_chunk_records
 
@@ -103,15 +110,6 @@ def test_a_kill_between_produce_and_commit_with_a_version_change_in_between_leav
         assert len(before) > 0, "at least once: the killed batch's codes were out before the kill"
 
 
-def committed_offsets(cfg) -> int:
-    consumer = make_consumer(cfg, "test", cfg.encoder.group, 10)
-    try:
-        parts = [TopicPartition(cfg.topics.arrivals, p) for p in partitions_of(consumer, cfg.topics.arrivals)]
-        return sum(max(tp.offset, 0) for tp in consumer.committed(parts, timeout=10))
-    finally:
-        consumer.close()
-
-
 def test_at_least_once_commits_every_coded_batch_the_last_one_when_the_stream_pauses(
     crash_cfg, mirflickr, p1, p1_config, tmp_path
 ):
@@ -123,7 +121,11 @@ def test_at_least_once_commits_every_coded_batch_the_last_one_when_the_stream_pa
     proc = encoder(config_path, tmp_path / "encoder.log")
     try:
         wait_until(lambda: keys <= {c.key for c in everything(cfg)}, 180, "every key coded")
-        wait_until(lambda: committed_offsets(cfg) == 300, 30, "every arrival committed while the encoder runs")
+        wait_until(
+            lambda: committed_total(cfg, cfg.encoder.group, cfg.topics.arrivals) == 300,
+            30,
+            "every arrival committed while the encoder runs",
+        )
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
     finally:

@@ -7,10 +7,10 @@ import dataclasses
 
 import numpy as np
 import pytest
-from confluent_kafka import TopicPartition
 from pipeline_support import (
     RoleThread,
     codes_of,
+    committed_total,
     model_state,
     paired_items,
     produce_arrivals,
@@ -21,7 +21,6 @@ from pipeline_support import (
 )
 
 from consumers.encoder import run_encoder
-from consumers.kafka import make_consumer, partitions_of
 from consumers.query import Query, QueryClient, run_query
 from fpocmh_core import codes as codes_mod
 from fpocmh_core import schemas
@@ -171,18 +170,8 @@ def test_the_query_role_commits_answered_requests_on_its_interval_and_at_stop(pi
         with QueryClient(cfg) as client:
             client.status(timeout_s=60)
             client.search_many([Query(mirflickr.image[i], Modality.IMAGE, 5) for i in range(3)])
-        held_back = committed_requests(cfg)
-    stopped = committed_requests(cfg)
+        held_back = committed_total(cfg, cfg.query.group, cfg.topics.queries)
+    stopped = committed_total(cfg, cfg.query.group, cfg.topics.queries)
 
     assert held_back == 0, "within the interval no answered request is committed"
     assert stopped == 4, "stopping commits every answered request (a status probe and three searches)"
-
-
-def committed_requests(cfg) -> int:
-    """Requests the query group committed, over every partition of the queries topic."""
-    consumer = make_consumer(cfg, "test", cfg.query.group, 100)
-    try:
-        parts = [TopicPartition(cfg.topics.queries, p) for p in partitions_of(consumer, cfg.topics.queries)]
-        return sum(max(tp.offset, 0) for tp in consumer.committed(parts, timeout=30))
-    finally:
-        consumer.close()
