@@ -163,16 +163,31 @@ def encoder_in_process(
 ) -> dict[str, list[float]]:
     """The encoder's work without the broker, on the same bytes (decode, check, hash, encode the code
     records), and the hash network alone on the same items in the same batches, their features stacked
-    beforehand: what decoding and encoding cost is the gap between the two."""
+    beforehand: what decoding and encoding cost is the gap between the two. Measured with the heap
+    frozen, as in a role process (undone afterwards: this process goes on)."""
+    import gc
+
     import torch
 
+    from consumers.runtime import freeze_startup_heap
+
+    torch.set_num_threads(cfg.encoder.threads)
+    freeze_startup_heap()
+    try:
+        return _encoder_rates(cfg, state, messages, repeats)
+    finally:
+        gc.unfreeze()
+
+
+def _encoder_rates(
+    cfg: Any, state: Any, messages: list[tuple[bytes, bytes, list]], repeats: int
+) -> dict[str, list[float]]:
     from consumers.encoder import encode_records
     from fpocmh_core import schemas
     from fpocmh_core.learners.base import model_from_state
     from fpocmh_core.records import Modality
     from fpocmh_core.validation import ArrivalCheck
 
-    torch.set_num_threads(cfg.encoder.threads)
     model = model_from_state(state)
     model.eval()
     batch = cfg.encoder.batch_size

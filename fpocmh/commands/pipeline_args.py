@@ -72,14 +72,16 @@ def require_broker(cfg: PipelineConfig, command: str) -> None:
 
 
 def role_setup(cfg: PipelineConfig, port: int) -> tuple[Metrics, threading.Event]:
-    """Metrics (served on ``port`` unless 0), the pipeline's topics, and a stop flag set by SIGTERM/Ctrl-C."""
+    """Metrics (served on ``port`` unless 0), the pipeline's topics, and a stop flag set by SIGTERM/Ctrl-C;
+    the heap built by start-up frozen (:func:`consumers.runtime.freeze_startup_heap`)."""
     from consumers.kafka import ensure_topics
     from consumers.metrics import Metrics
-    from consumers.runtime import install_signal_handlers
+    from consumers.runtime import freeze_startup_heap, install_signal_handlers
 
     metrics = Metrics()
     metrics.serve(port)
     ensure_topics(cfg)
     stop = threading.Event()
     install_signal_handlers(stop)
+    freeze_startup_heap()
     return metrics, stop
