@@ -1,4 +1,4 @@
-"""A role process freezes the heap its start-up built, and still collects the garbage cycles it makes later."""
+"""Freezing the start-up heap, as every role command does (`role_setup`), leaves later garbage cycles collectable."""
 
 from __future__ import annotations
 
