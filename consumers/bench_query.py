@@ -10,7 +10,9 @@ Per store size (default 10^6 and 10^7 random 64-bit text codes):
 3. Snapshots: each shard layout's snapshots are written from the same codes, with the offsets the
    topic holds; restart time = loading the whole-store snapshot (CRC check included), and the time
    from starting a shard process to its first answer.
-4. For 1, 2 and 4 shards: every layout's shard processes start from their snapshots and serve side by
+4. The floor on this host (:mod:`consumers.bench_scan_floor`): the same interleaved probes answered by
+   bare processes holding each layout's shards, no broker between: round trip p50/p99 per layout.
+5. For 1, 2 and 4 shards: every layout's shard processes start from their snapshots and serve side by
    side (one layout after another on tansu, which seven idle shard processes saturate); then rounds of
    sequential top-100 image queries through Kafka, interleaved over the layouts (probe i goes to every
    layout in turn, in an order that rotates), so a stretch of host noise falls on every layout alike
@@ -32,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from consumers.bench_scan_floor import floor_rounds, shard_masks
 
 HELP = "query tier benchmark: bytes/code, catch-up, snapshot restart, p50/p99 over 1/2/4 shards, exact merge"
 
@@ -153,10 +157,8 @@ def write_snapshots(
 
     partitions = sorted(ends)
     written = 0.0
-    for s in range(shards):
-        spec = ShardSpec(s, shards)
-        owned = spec.owns(partitions)
-        mine = np.isin(np.array(partitions)[ids % len(partitions)], owned)
+    for s, mine in enumerate(shard_masks(ids, partitions, shards)):
+        owned = ShardSpec(s, shards).owns(partitions)
         store = CodeStore(cfg.bits)
         store.modal[Modality.TEXT].load(ids[mine], codes[mine])
         snaps = SnapshotDir(
@@ -354,7 +356,7 @@ def run(args: argparse.Namespace) -> int:
         probes = args.probes or (TANSU_PROBES if tansu else PROBES)
         summary["probes"] = probes
         q_features = ds.image[: max(probes, CHECKED_QUERIES)]
-        q_codes = model.encode(q_features[:CHECKED_QUERIES], Modality.IMAGE)
+        q_codes = model.encode(q_features, Modality.IMAGE)
         for size in sizes:
             ids, codes = synthetic(size, cfg.bits, args.seed)
             per_code = bytes_per_code(ids, codes)
@@ -376,11 +378,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"  produced in {produce_s:.0f} s; catch-up read {rate:,.0f} codes/s", flush=True)
             single = CodeStore(cfg.bits)
             single.modal[Modality.TEXT].load(ids, codes)
-            expected = single.search(q_codes, Modality.TEXT, 100)
+            expected = single.search(q_codes[:CHECKED_QUERIES], Modality.TEXT, 100)
             del single
             row: dict[str, Any] = {"bytes_per_code": per_code, "catchup_codes_per_s": rate, "produce_s": produce_s}
             counts = sorted(args.shards)
             waves = [[n] for n in counts] if tansu else [counts]
+            floor = floor_rounds(ids, codes, sorted(ends), counts, q_codes, (probes, args.repeats))
+            bare = (f"{n}: p50 {f['bare_p50_ms']:.1f} / p99 {f['bare_p99_ms']:.1f} ms" for n, f in floor.items())
+            print("  bare scans, no broker (shards: ms): " + ", ".join(bare), flush=True)
             measured: dict[int, dict[str, Any]] = {}
             for wave in waves:
                 measured |= serve_and_probe(
@@ -390,7 +395,7 @@ def run(args: argparse.Namespace) -> int:
                 row["snapshot_write_s"] = measured[1]["snapshot_write_s"]
                 row["restart_seconds"] = measured[1]["snapshot_load_s"]
             for shards, m in measured.items():
-                rounds.append({"codes": size, "shards": shards, **m})
+                rounds.append({"codes": size, "shards": shards, **m, **floor[shards]})
                 print(
                     f"  {shards} shard(s): p50 {m['p50_ms']:.1f} ms, p99 {m['p99_ms']:.1f} ms, "
                     f"search {m['search_ms']:.1f} ms, ready {m['ready_s']:.1f} s after start, "
@@ -403,14 +408,16 @@ def run(args: argparse.Namespace) -> int:
             admin = AdminClient(admin_config(sized))
             admin.delete_topics([sized.topics.codes])[sized.topics.codes].result(60)
     largest = summary["sizes"][str(sizes[-1])]
-    one = {r["codes"]: r["p99_ms"] for r in rounds if r["shards"] == 1}
-    two = {r["codes"]: r["p99_ms"] for r in rounds if r["shards"] == 2}
+    one = {r["codes"]: r for r in rounds if r["shards"] == 1}
+    two = {r["codes"]: r for r in rounds if r["shards"] == 2}
     summary.update(
         bytes_per_code=max(s["bytes_per_code"] for s in summary["sizes"].values()),
         catchup_codes_per_s=largest["catchup_codes_per_s"],
         restart_seconds=largest.get("restart_seconds"),
         merge_equal=all(r["merge_equal"] for r in rounds),
-        p99_two_over_one={str(n): two[n] / one[n] for n in one if n in two},
+        p99_two_over_one={str(n): two[n]["p99_ms"] / one[n]["p99_ms"] for n in one if n in two},
+        # the same ratio with bare scanning processes and no broker: the floor on this host
+        bare_p99_two_over_one={str(n): two[n]["bare_p99_ms"] / one[n]["bare_p99_ms"] for n in one if n in two},
         rounds=rounds,
     )
     print()
@@ -421,6 +428,8 @@ def run(args: argparse.Namespace) -> int:
         "p99_ms",
         "search_ms",
         "search_p99_ms",
+        "bare_p50_ms",
+        "bare_p99_ms",
         "ready_s",
         "answers_lost",
         "merge_equal",
@@ -429,7 +438,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"bytes/code {summary['bytes_per_code']:.1f}; catch-up {summary['catchup_codes_per_s']:,.0f} codes/s; "
         f"restart from snapshot {summary['restart_seconds'] or float('nan'):.2f} s at {sizes[-1]:,} codes; "
-        f"p99 2 shards / 1: {summary['p99_two_over_one']}"
+        f"p99 2 shards / 1: {summary['p99_two_over_one']}; with bare scans and no broker: "
+        f"{summary['bare_p99_two_over_one']}"
     )
     write_json(args.json, rounds, **summary)
     return 0

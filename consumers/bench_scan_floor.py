@@ -1,0 +1,112 @@
+"""The floor under ``bench query``'s shard ratios on this host: the same interleaved probes answered by
+bare scanning processes, with no broker, client or role between.
+
+Each layout of ``S`` shards gets ``S`` processes, each holding one shard's codes in a
+:class:`~consumers.store.ModalStore` (as a shard holds them) and answering a packed query code sent
+over a pipe with its exact top-k. Probe i goes to every layout in turn, in the same rotating order as
+``bench query``'s, and a layout's round trip waits for all its processes. Two shards' p99 over one
+shard's here is the best that any tier of separate shard processes reaches on this host: what is left
+above it in ``bench query`` is the broker's and the roles'.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import struct
+import tempfile
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import numpy as np
+
+READY = b"ready"
+STOP = b""
+
+
+def shard_masks(ids: np.ndarray, partitions: list[int], shards: int) -> list[np.ndarray]:
+    """Per shard of ``shards``: the rows whose item lives in one of its partitions, items spread
+    round-robin over ``partitions`` as ``bench query`` produces them."""
+    from consumers.shards import ShardSpec
+
+    partition_of = np.asarray(partitions)[ids % len(partitions)]
+    return [np.isin(partition_of, ShardSpec(s, shards).owns(partitions)) for s in range(shards)]
+
+
+def _serve_scans(conn: Connection, base: str, bits: int, k: int) -> None:
+    """A bare shard: load its codes, then answer each query code with the time its search took."""
+    import faiss
+
+    from consumers.store import ModalStore
+
+    faiss.omp_set_num_threads(1)  # as the query role sets it
+    store = ModalStore(bits)
+    store.load(np.load(f"{base}.ids.npy", allow_pickle=False), np.load(f"{base}.codes.npy", allow_pickle=False))
+    conn.send_bytes(READY)
+    while (query := conn.recv_bytes()) != STOP:
+        start = time.perf_counter()
+        store.search(np.frombuffer(query, np.uint8).reshape(1, -1), k)
+        conn.send_bytes(struct.pack("<d", time.perf_counter() - start))
+
+
+def floor_rounds(
+    ids: np.ndarray,
+    codes: np.ndarray,
+    partitions: list[int],
+    counts: list[int],
+    queries: np.ndarray,
+    rounds: tuple[int, int],
+    k: int = 100,
+) -> dict[int, dict[str, float]]:
+    """Per shard count in ``counts``: round trip p50/p99 (ms; the round with the best p99 of
+    ``rounds`` = (probes, repeats)) of bare shard processes answering the packed ``queries`` in turn."""
+    probes, repeats = rounds
+    ctx = multiprocessing.get_context("spawn")  # never fork a process that holds Kafka clients' threads
+    order = sorted(counts)
+    layouts: dict[int, list[Connection]] = {}
+    workers = []
+    with tempfile.TemporaryDirectory(prefix="fpocmh-floor-") as tmp:
+        try:
+            for n in order:
+                layouts[n] = []
+                for s, mine in enumerate(shard_masks(ids, partitions, n)):
+                    base = str(Path(tmp) / f"{n}-{s}")
+                    np.save(f"{base}.ids.npy", ids[mine])
+                    np.save(f"{base}.codes.npy", codes[mine])
+                    ours, theirs = ctx.Pipe()
+                    worker = ctx.Process(target=_serve_scans, args=(theirs, base, codes.shape[1] * 8, k), daemon=True)
+                    worker.start()
+                    theirs.close()
+                    workers.append(worker)
+                    layouts[n].append(ours)
+            for conns in layouts.values():
+                for conn in conns:
+                    if conn.recv_bytes() != READY:
+                        raise RuntimeError("a bare shard process did not start")
+            times = {n: [[] for _ in range(repeats)] for n in order}
+            for r in range(repeats):
+                for i in range(probes):
+                    query = np.ascontiguousarray(queries[i % len(queries)], np.uint8).tobytes()
+                    for n in order[i % len(order) :] + order[: i % len(order)]:
+                        start = time.perf_counter()
+                        for conn in layouts[n]:
+                            conn.send_bytes(query)
+                        for conn in layouts[n]:
+                            conn.recv_bytes()
+                        times[n][r].append(time.perf_counter() - start)
+        finally:
+            for conns in layouts.values():
+                for conn in conns:
+                    try:
+                        conn.send_bytes(STOP)
+                    except OSError:
+                        pass
+            for worker in workers:
+                worker.join(10)
+                if worker.is_alive():
+                    worker.kill()
+    measured = {}
+    for n in order:
+        p50, p99 = min((np.percentile(1e3 * np.array(t), [50, 99]) for t in times[n]), key=lambda p: p[1])
+        measured[n] = {"bare_p50_ms": float(p50), "bare_p99_ms": float(p99)}
+    return measured

@@ -1,0 +1,28 @@
+"""The floor under bench query's shard ratios: bare scanning processes split the codes as shards do."""
+
+import numpy as np
+
+from consumers.bench_scan_floor import floor_rounds, shard_masks
+from consumers.shards import ShardSpec
+
+
+def test_every_code_belongs_to_exactly_one_shard_of_a_layout() -> None:
+    ids = np.arange(1000, dtype=np.int64)
+    partitions = [0, 1, 2, 3, 4, 5]
+    for shards in (1, 2, 4):
+        masks = shard_masks(ids, partitions, shards)
+        assert np.array_equal(np.sum(masks, axis=0), np.ones(ids.size))
+        for s, mine in enumerate(masks):
+            owned = set(ShardSpec(s, shards).owns(partitions))
+            assert {partitions[i % len(partitions)] for i in ids[mine]} == owned
+
+
+def test_bare_shard_processes_answer_every_probe_of_every_layout() -> None:
+    rng = np.random.default_rng(0)
+    ids = np.arange(20_000, dtype=np.int64)
+    codes = rng.integers(0, 256, (ids.size, 8), dtype=np.uint8)
+    queries = rng.integers(0, 256, (5, 8), dtype=np.uint8)
+    measured = floor_rounds(ids, codes, [0, 1, 2, 3], [1, 2], queries, (12, 2), k=10)
+    assert sorted(measured) == [1, 2]
+    for layout in measured.values():
+        assert 0 < layout["bare_p50_ms"] <= layout["bare_p99_ms"]
