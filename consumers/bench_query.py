@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from consumers.bench_scan_floor import floor_rounds, shard_masks
+from consumers.bench_scan_floor import floor_rounds, interleaved, round_percentiles, shard_masks
 
 HELP = "query tier benchmark: bytes/code, catch-up, snapshot restart, p50/p99 over 1/2/4 shards, exact merge"
 
@@ -241,21 +241,20 @@ def probe(
         clients = {n: stack.enter_context(QueryClient(layouts[n])) for n in order}
         equal = {n: merged_equal(clients[n], q_features, expected) for n in order}
         for r in range(repeats):
-            for i in range(probes):
+            for i, n in interleaved(order, probes):
                 query = Query(q_features[i % len(q_features)], Modality.IMAGE, 100)
-                for n in order[i % len(order) :] + order[: i % len(order)]:
-                    start = time.perf_counter()
-                    try:
-                        answer = clients[n].search(query)
-                    except TimeoutError as exc:  # counted, and in the percentiles at the full timeout
-                        log.warning("%d shard(s), probe %d: %s", n, i, exc)
-                        lost[n] += 1
-                    else:
-                        searched[n].append(answer.search_seconds)
-                    times[n][r].append(time.perf_counter() - start)
+                start = time.perf_counter()
+                try:
+                    answer = clients[n].search(query)
+                except TimeoutError as exc:  # counted, and in the percentiles at the full timeout
+                    log.warning("%d shard(s), probe %d: %s", n, i, exc)
+                    lost[n] += 1
+                else:
+                    searched[n].append(answer.search_seconds)
+                times[n][r].append(time.perf_counter() - start)
     measured = {}
     for n in order:
-        rounds = [tuple(float(v) for v in np.percentile(1e3 * np.array(t), [50, 99])) for t in times[n]]
+        rounds = round_percentiles(times[n])
         best = min(rounds, key=lambda r: r[1])
         measured[n] = {
             "p50_ms": best[0],

@@ -15,6 +15,7 @@ import multiprocessing
 import struct
 import tempfile
 import time
+from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -22,6 +23,23 @@ import numpy as np
 
 READY = b"ready"
 STOP = b""
+
+
+def interleaved(order: list[int], probes: int) -> Iterator[tuple[int, int]]:
+    """(probe, layout) pairs: probe i goes to every layout in turn, starting one layout further each
+    time, so a stretch of the host's noise falls on every layout alike."""
+    for i in range(probes):
+        for n in order[i % len(order) :] + order[: i % len(order)]:
+            yield i, n
+
+
+def round_percentiles(rounds: list[list[float]]) -> list[tuple[float, float]]:
+    """(p50, p99) in ms of each round's round trips (seconds)."""
+    out = []
+    for seconds in rounds:
+        p50, p99 = np.percentile(1e3 * np.asarray(seconds), [50, 99])
+        out.append((float(p50), float(p99)))
+    return out
 
 
 def shard_masks(ids: np.ndarray, partitions: list[int], shards: int) -> list[np.ndarray]:
@@ -85,15 +103,14 @@ def floor_rounds(
                         raise RuntimeError("a bare shard process did not start")
             times = {n: [[] for _ in range(repeats)] for n in order}
             for r in range(repeats):
-                for i in range(probes):
+                for i, n in interleaved(order, probes):
                     query = np.ascontiguousarray(queries[i % len(queries)], np.uint8).tobytes()
-                    for n in order[i % len(order) :] + order[: i % len(order)]:
-                        start = time.perf_counter()
-                        for conn in layouts[n]:
-                            conn.send_bytes(query)
-                        for conn in layouts[n]:
-                            conn.recv_bytes()
-                        times[n][r].append(time.perf_counter() - start)
+                    start = time.perf_counter()
+                    for conn in layouts[n]:
+                        conn.send_bytes(query)
+                    for conn in layouts[n]:
+                        conn.recv_bytes()
+                    times[n][r].append(time.perf_counter() - start)
         finally:
             for conns in layouts.values():
                 for conn in conns:
@@ -107,6 +124,6 @@ def floor_rounds(
                     worker.kill()
     measured = {}
     for n in order:
-        p50, p99 = min((np.percentile(1e3 * np.array(t), [50, 99]) for t in times[n]), key=lambda p: p[1])
-        measured[n] = {"bare_p50_ms": float(p50), "bare_p99_ms": float(p99)}
+        p50, p99 = min(round_percentiles(times[n]), key=lambda p: p[1])
+        measured[n] = {"bare_p50_ms": p50, "bare_p99_ms": p99}
     return measured

@@ -2,8 +2,16 @@
 
 import numpy as np
 
-from consumers.bench_scan_floor import floor_rounds, shard_masks
+from consumers.bench_scan_floor import floor_rounds, interleaved, shard_masks
 from consumers.shards import ShardSpec
+
+
+def test_each_probe_visits_every_layout_once_starting_one_further_each_time() -> None:
+    visits = list(interleaved([1, 2, 4], 4))
+    assert [n for i, n in visits if i == 0] == [1, 2, 4]
+    assert [n for i, n in visits if i == 1] == [2, 4, 1]
+    assert [n for i, n in visits if i == 3] == [1, 2, 4]
+    assert len(visits) == 12
 
 
 def test_every_code_belongs_to_exactly_one_shard_of_a_layout() -> None:
