@@ -10,15 +10,15 @@ Per store size (default 10^6 and 10^7 random 64-bit text codes):
 3. Snapshots: each shard layout's snapshots are written from the same codes, with the offsets the
    topic holds; restart time = loading the whole-store snapshot (CRC check included), and the time
    from starting a shard process to its first answer.
-4. The floor on this host (:mod:`consumers.bench_scan_floor`): the same interleaved probes answered by
-   bare processes holding each layout's shards, no broker between: round trip p50/p99 per layout.
-5. For 1, 2 and 4 shards: every layout's shard processes start from their snapshots and serve side by
+4. For 1, 2 and 4 shards: every layout's shard processes start from their snapshots and serve side by
    side (one layout after another on tansu, which seven idle shard processes saturate); then rounds of
    sequential top-100 image queries through Kafka, interleaved over the layouts (probe i goes to every
    layout in turn, in an order that rotates), so a stretch of host noise falls on every layout alike
    rather than on whichever one it happened to be running. Per layout: round trip p50/p99, and the
-   slowest shard's in-process search time per query. The merged answers of the first queries are
-   compared with one in-process store's.
+   slowest shard's in-process search time per query. Each probe then goes to the layout's bare
+   scanning processes too (:mod:`consumers.bench_scan_floor`, no broker between): their p50/p99 are the
+   floor this host sets at the same moments. The merged answers of the first queries are compared with
+   one in-process store's.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from consumers.bench_scan_floor import floor_rounds, interleaved, round_percentiles, shard_masks
+from consumers.bench_scan_floor import BareLayouts, interleaved, round_percentiles, shard_masks
 
 HELP = "query tier benchmark: bytes/code, catch-up, snapshot restart, p50/p99 over 1/2/4 shards, exact merge"
 
@@ -225,16 +225,25 @@ def serve(cfg: Any, shards: int, work: Path, size: int, stop: threading.Event) -
 
 
 def probe(
-    layouts: dict[int, Any], q_features: np.ndarray, probes: int, repeats: int, expected: tuple[np.ndarray, np.ndarray]
+    layouts: dict[int, Any],
+    queries: tuple[np.ndarray, np.ndarray],
+    rounds: tuple[int, int],
+    expected: tuple[np.ndarray, np.ndarray],
+    bare: BareLayouts,
 ) -> dict[int, dict[str, Any]]:
-    """Per shard count in ``layouts``: latencies of ``repeats`` rounds of ``probes`` interleaved queries."""
+    """Per shard count in ``layouts``: latencies of ``rounds`` = (probes, repeats) of interleaved
+    queries (features, and their codes for ``bare``), each answered by the layout's shard roles and then
+    by its bare processes."""
     from contextlib import ExitStack
 
     from consumers.query_client import Query, QueryClient
     from fpocmh_core.records import Modality
 
+    q_features, q_codes = queries
+    probes, repeats = rounds
     order = sorted(layouts)
     times = {n: [[] for _ in range(repeats)] for n in order}
+    bare_times = {n: [[] for _ in range(repeats)] for n in order}
     searched: dict[int, list[float]] = {n: [] for n in order}
     lost = dict.fromkeys(order, 0)
     with ExitStack() as stack:
@@ -252,14 +261,19 @@ def probe(
                 else:
                     searched[n].append(answer.search_seconds)
                 times[n][r].append(time.perf_counter() - start)
+                bare_times[n][r].append(bare.round_trip(n, q_codes[i % len(q_codes)]))
     measured = {}
     for n in order:
-        rounds = round_percentiles(times[n])
-        best = min(rounds, key=lambda r: r[1])
+        per_round = round_percentiles(times[n])
+        best = min(per_round, key=lambda r: r[1])
+        bare_best = min(round_percentiles(bare_times[n]), key=lambda r: r[1])
         measured[n] = {
             "p50_ms": best[0],
             "p99_ms": best[1],
-            "rounds_p50_p99_ms": rounds,
+            "rounds_p50_p99_ms": per_round,
+            # the same probes through bare scanning processes, no broker: the floor on this host
+            "bare_p50_ms": bare_best[0],
+            "bare_p99_ms": bare_best[1],
             # hashing + search in the slowest shard, median and p99 over all probes: the rest of a round
             # trip is the broker and the clients
             "search_ms": float(1e3 * np.median(searched[n])),
@@ -291,12 +305,12 @@ def serve_and_probe(
     topic: tuple[np.ndarray, np.ndarray, dict[int, int]],
     work: Path,
     stop: threading.Event,
-    q_features: np.ndarray,
+    queries: tuple[np.ndarray, np.ndarray],
     expected: tuple[np.ndarray, np.ndarray],
     rounds: tuple[int, int],
 ) -> dict[int, dict[str, Any]]:
-    """Each shard count in ``counts`` started from its snapshots and serving at once, then probed with the
-    queries interleaved: per count, its start-up times and latencies."""
+    """Each shard count in ``counts`` started from its snapshots and serving at once (and as bare
+    processes), then probed with the queries interleaved: per count, its start-up times and latencies."""
     ids, codes, ends = topic
     layouts, roles, started = {}, [], {}
     try:
@@ -307,7 +321,8 @@ def serve_and_probe(
             served, ready_s = serve(layouts[shards], shards, work, ids.size, stop)
             roles += served
             started[shards] = {"ready_s": ready_s, "snapshot_load_s": load_s, "snapshot_write_s": write_s}
-        measured = probe(layouts, q_features, *rounds, expected)
+        with BareLayouts(ids, codes, sorted(ends), counts) as bare:
+            measured = probe(layouts, queries, rounds, expected, bare)
     finally:
         for role in roles:
             role.stop()
@@ -382,22 +397,20 @@ def run(args: argparse.Namespace) -> int:
             row: dict[str, Any] = {"bytes_per_code": per_code, "catchup_codes_per_s": rate, "produce_s": produce_s}
             counts = sorted(args.shards)
             waves = [[n] for n in counts] if tansu else [counts]
-            floor = floor_rounds(ids, codes, sorted(ends), counts, q_codes, (probes, args.repeats))
-            bare = (f"{n}: p50 {f['bare_p50_ms']:.1f} / p99 {f['bare_p99_ms']:.1f} ms" for n, f in floor.items())
-            print("  bare scans, no broker (shards: ms): " + ", ".join(bare), flush=True)
             measured: dict[int, dict[str, Any]] = {}
             for wave in waves:
                 measured |= serve_and_probe(
-                    sized, wave, (ids, codes, ends), work, stop, q_features, expected, (probes, args.repeats)
+                    sized, wave, (ids, codes, ends), work, stop, (q_features, q_codes), expected, (probes, args.repeats)
                 )
             if 1 in measured:
                 row["snapshot_write_s"] = measured[1]["snapshot_write_s"]
                 row["restart_seconds"] = measured[1]["snapshot_load_s"]
             for shards, m in measured.items():
-                rounds.append({"codes": size, "shards": shards, **m, **floor[shards]})
+                rounds.append({"codes": size, "shards": shards, **m})
                 print(
                     f"  {shards} shard(s): p50 {m['p50_ms']:.1f} ms, p99 {m['p99_ms']:.1f} ms, "
-                    f"search {m['search_ms']:.1f} ms, ready {m['ready_s']:.1f} s after start, "
+                    f"search {m['search_ms']:.1f} ms, bare scans p50 {m['bare_p50_ms']:.1f} / p99 "
+                    f"{m['bare_p99_ms']:.1f} ms, ready {m['ready_s']:.1f} s after start, "
                     f"{m['answers_lost']} answers lost, merge equal {m['merge_equal']}",
                     flush=True,
                 )

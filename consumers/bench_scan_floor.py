@@ -1,12 +1,12 @@
-"""The floor under ``bench query``'s shard ratios on this host: the same interleaved probes answered by
-bare scanning processes, with no broker, client or role between.
+"""The floor under ``bench query``'s shard ratios on this host: the same probes answered by bare
+scanning processes, with no broker, client or role between.
 
 Each layout of ``S`` shards gets ``S`` processes, each holding one shard's codes in a
 :class:`~consumers.store.ModalStore` (as a shard holds them) and answering a packed query code sent
-over a pipe with its exact top-k. Probe i goes to every layout in turn, in the same rotating order as
-``bench query``'s, and a layout's round trip waits for all its processes. Two shards' p99 over one
-shard's here is the best that any tier of separate shard processes reaches on this host: what is left
-above it in ``bench query`` is the broker's and the roles'.
+over a pipe with its exact top-k; a layout's round trip waits for all its processes. ``bench query``
+sends every probe to a layout's bare processes right after its shard roles answered it, so both meet
+the same moment of the host. Two shards' p99 over one shard's here is the best that any tier of
+separate shard processes reaches on this host: what is left above it is the broker's and the roles'.
 """
 
 from __future__ import annotations
@@ -67,63 +67,67 @@ def _serve_scans(conn: Connection, base: str, bits: int, k: int) -> None:
         conn.send_bytes(struct.pack("<d", time.perf_counter() - start))
 
 
-def floor_rounds(
-    ids: np.ndarray,
-    codes: np.ndarray,
-    partitions: list[int],
-    counts: list[int],
-    queries: np.ndarray,
-    rounds: tuple[int, int],
-    k: int = 100,
-) -> dict[int, dict[str, float]]:
-    """Per shard count in ``counts``: round trip p50/p99 (ms; the round with the best p99 of
-    ``rounds`` = (probes, repeats)) of bare shard processes answering the packed ``queries`` in turn."""
-    probes, repeats = rounds
-    ctx = multiprocessing.get_context("spawn")  # never fork a process that holds Kafka clients' threads
-    order = sorted(counts)
-    layouts: dict[int, list[Connection]] = {}
-    workers = []
-    with tempfile.TemporaryDirectory(prefix="fpocmh-floor-") as tmp:
+class BareLayouts:
+    """Bare shard processes for every shard count in ``counts``, each holding its shard's codes
+    (started on ``__enter__``, stopped on ``__exit__``)."""
+
+    def __init__(
+        self, ids: np.ndarray, codes: np.ndarray, partitions: list[int], counts: list[int], k: int = 100
+    ) -> None:
+        self._data = (ids, codes, partitions)
+        self.counts = sorted(counts)
+        self.k = k
+        self.layouts: dict[int, list[Connection]] = {}
+        self.workers: list[multiprocessing.process.BaseProcess] = []
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    def __enter__(self) -> BareLayouts:
+        ids, codes, partitions = self._data
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that holds Kafka clients' threads
+        self._tmp = tempfile.TemporaryDirectory(prefix="fpocmh-floor-")
         try:
-            for n in order:
-                layouts[n] = []
+            for n in self.counts:
+                self.layouts[n] = []
                 for s, mine in enumerate(shard_masks(ids, partitions, n)):
-                    base = str(Path(tmp) / f"{n}-{s}")
+                    base = str(Path(self._tmp.name) / f"{n}-{s}")
                     np.save(f"{base}.ids.npy", ids[mine])
                     np.save(f"{base}.codes.npy", codes[mine])
                     ours, theirs = ctx.Pipe()
-                    worker = ctx.Process(target=_serve_scans, args=(theirs, base, codes.shape[1] * 8, k), daemon=True)
+                    worker = ctx.Process(target=_serve_scans, args=(theirs, base, codes.shape[1] * 8, self.k))
+                    worker.daemon = True
                     worker.start()
                     theirs.close()
-                    workers.append(worker)
-                    layouts[n].append(ours)
-            for conns in layouts.values():
+                    self.workers.append(worker)
+                    self.layouts[n].append(ours)
+            for conns in self.layouts.values():
                 for conn in conns:
                     if conn.recv_bytes() != READY:
                         raise RuntimeError("a bare shard process did not start")
-            times = {n: [[] for _ in range(repeats)] for n in order}
-            for r in range(repeats):
-                for i, n in interleaved(order, probes):
-                    query = np.ascontiguousarray(queries[i % len(queries)], np.uint8).tobytes()
-                    start = time.perf_counter()
-                    for conn in layouts[n]:
-                        conn.send_bytes(query)
-                    for conn in layouts[n]:
-                        conn.recv_bytes()
-                    times[n][r].append(time.perf_counter() - start)
-        finally:
-            for conns in layouts.values():
-                for conn in conns:
-                    try:
-                        conn.send_bytes(STOP)
-                    except OSError:
-                        pass
-            for worker in workers:
-                worker.join(10)
-                if worker.is_alive():
-                    worker.kill()
-    measured = {}
-    for n in order:
-        p50, p99 = min(round_percentiles(times[n]), key=lambda p: p[1])
-        measured[n] = {"bare_p50_ms": p50, "bare_p99_ms": p99}
-    return measured
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def round_trip(self, shards: int, code: np.ndarray) -> float:
+        """Seconds until every process of the ``shards`` layout has searched the packed ``code``."""
+        query = np.ascontiguousarray(code, np.uint8).tobytes()
+        start = time.perf_counter()
+        for conn in self.layouts[shards]:
+            conn.send_bytes(query)
+        for conn in self.layouts[shards]:
+            conn.recv_bytes()
+        return time.perf_counter() - start
+
+    def __exit__(self, *exc: object) -> None:
+        for conns in self.layouts.values():
+            for conn in conns:
+                try:
+                    conn.send_bytes(STOP)
+                except OSError:
+                    pass
+        for worker in self.workers:
+            worker.join(10)
+            if worker.is_alive():
+                worker.kill()
+        if self._tmp is not None:
+            self._tmp.cleanup()

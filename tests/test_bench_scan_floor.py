@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from consumers.bench_scan_floor import floor_rounds, interleaved, shard_masks
+from consumers.bench_scan_floor import BareLayouts, interleaved, shard_masks
 from consumers.shards import ShardSpec
 
 
@@ -25,12 +25,14 @@ def test_every_code_belongs_to_exactly_one_shard_of_a_layout() -> None:
             assert {partitions[i % len(partitions)] for i in ids[mine]} == owned
 
 
-def test_bare_shard_processes_answer_every_probe_of_every_layout() -> None:
+def test_bare_layouts_answer_every_probe_and_stop_their_processes() -> None:
     rng = np.random.default_rng(0)
     ids = np.arange(20_000, dtype=np.int64)
     codes = rng.integers(0, 256, (ids.size, 8), dtype=np.uint8)
-    queries = rng.integers(0, 256, (5, 8), dtype=np.uint8)
-    measured = floor_rounds(ids, codes, [0, 1, 2, 3], [1, 2], queries, (12, 2), k=10)
-    assert sorted(measured) == [1, 2]
-    for layout in measured.values():
-        assert 0 < layout["bare_p50_ms"] <= layout["bare_p99_ms"]
+    with BareLayouts(ids, codes, [0, 1, 2, 3], [1, 2], k=10) as bare:
+        assert [len(bare.layouts[n]) for n in (1, 2)] == [1, 2]
+        for i, n in interleaved(bare.counts, 6):
+            assert bare.round_trip(n, codes[i]) > 0
+        workers = list(bare.workers)
+    assert len(workers) == 3
+    assert not any(w.is_alive() for w in workers)
