@@ -55,6 +55,8 @@ def test_the_query_benchmark_reports_every_measure_the_issue_asks_for(kafka_boot
     assert [(r["codes"], r["shards"]) for r in report["rounds"]] == [(3000, 1), (3000, 2)]
     for row in report["rounds"]:
         assert 0 < row["p50_ms"] <= row["p99_ms"] and 0 < row["search_ms"] <= row["search_p99_ms"]
+        assert 0 < row["bare_p50_ms"] <= row["bare_p99_ms"]  # the host's floor, measured on the same probes
+    assert set(report["bare_p99_two_over_one"]) == set(report["p99_two_over_one"]) == {"3000"}
 
 
 @pytest.mark.broker
