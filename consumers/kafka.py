@@ -19,7 +19,7 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 from consumers import health
-from consumers.broker import BROKER_KINDS, local_broker
+from consumers.brokers.launch import BROKER_KINDS, local_broker
 from consumers.settings import PipelineConfig
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from confluent_kafka import Message
 
 from consumers.kafka import follow_wait_ms
-from consumers.runtime import Runtime, TopicReader
+from consumers.runtime import Runtime
+from consumers.topic_reader import TopicReader
 from fpocmh_core import schemas
 from fpocmh_core.learners.base import model_from_state
 from fpocmh_core.model_check import Probe, model_problems

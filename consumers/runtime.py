@@ -21,26 +21,29 @@ waits (see :mod:`consumers.health`).
 
 SIGTERM and the first Ctrl-C only set a flag: the loop finishes its batch, flushes, commits and closes
 the consumer (leaving the group at once). A second Ctrl-C interrupts for real.
+
+One module: the loop's three modes (at least once, overlapped, transactional) share the producer, the
+pending batch, the commit path and the dead-letter route; split apart, each would reach into the others'
+state. What is not the loop lives beside it (``handlers``, ``offsets``, ``topic_reader``, ``lifecycle``).
 """
 
 from __future__ import annotations
 
 import collections
-import gc
 import hashlib
 import logging
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from consumers import faults, health
-from consumers.kafka import assign_all, make_consumer, make_producer
+from consumers.handlers import Decoded, Handler, Pipelined
+from consumers.kafka import make_producer
 from consumers.metrics import Metrics
+from consumers.offsets import IntervalCommits, first_offsets, next_offsets, partition_lag, poll_batch
 from consumers.settings import PipelineConfig
 from fpocmh_core import schemas
 
@@ -86,123 +89,6 @@ class TransactionInterrupted(RuntimeError):
 
 class RoleStopped(RuntimeError):
     """A failure no message caused (configuration, a fenced transactional producer): the role stops."""
-
-
-def install_signal_handlers(stop: threading.Event) -> None:
-    """SIGTERM and the first SIGINT set ``stop``; a second SIGINT raises KeyboardInterrupt as usual."""
-
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info("%s received: stopping cleanly (a second Ctrl-C interrupts)", signal.Signals(signum).name)
-        stop.set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
-
-def freeze_startup_heap() -> int:
-    """Put every object alive now out of the cyclic collector's reach; how many there were.
-
-    A role process holds ~200,000 tracked objects once torch, numpy and the Kafka client are imported,
-    and each full collection walked them all (80 ms here). Under load, with a batch's messages alive
-    across collections, full collections came often enough to take a tenth of the encoder's CPU
-    (perf, ``fpocmh bench pipeline``). Frozen objects are still freed by reference counting; only a
-    cycle among them would never be collected, and what is alive at start lives as long as the role.
-    """
-    gc.collect()
-    gc.freeze()
-    return gc.get_freeze_count()
-
-
-@dataclass(frozen=True, slots=True)
-class Decoded:
-    msg: Message
-    value: Any
-
-
-class Handler(Protocol):
-    """What a role plugs into :meth:`Runtime.run`."""
-
-    def decode(self, msg: Message) -> Any:
-        """The message's value, or raise :class:`schemas.SchemaError` (it goes to the dead-letter topic)."""
-
-    def process(self, batch: list[Decoded]) -> None:
-        """Handle a batch; produce outputs with :meth:`Runtime.produce`.
-
-        All or nothing: a handler whose state changes must leave it as it was when it raises, because
-        the batch is then processed again one message at a time (the one that raises is dead-lettered).
-        """
-
-    def idle(self) -> None:
-        """Called before every poll, batch or not (model hot swaps, store updates, publishing)."""
-
-
-class Pipelined(Handler, Protocol):
-    """A handler whose batches the at-least-once loop overlaps: :meth:`prepare` runs while the broker
-    acknowledges the previous batch's outputs, which are then committed before this batch produces."""
-
-    def prepare(self, batch: list[Decoded]) -> Callable[[], None]:
-        """The batch's work up to its first produce (nothing visible yet), and the call that produces
-        its outputs. ``process(batch)`` is ``prepare(batch)()``."""
-
-
-def poll_batch(consumer: Consumer, max_messages: int, timeout_s: float) -> list[Message]:
-    """Wait up to ``timeout_s`` for a first message, then take what is already fetched, up to ``max_messages``.
-
-    ``Consumer.consume(n, timeout)`` would wait for ``n`` messages or the whole timeout, which puts the
-    timeout on every request's latency.
-    """
-    first = consumer.poll(timeout_s)
-    if first is None:
-        return []
-    return [first, *consumer.consume(max_messages - 1, 0)] if max_messages > 1 else [first]
-
-
-def next_offsets(msgs: Iterable[Message]) -> list[TopicPartition]:
-    """The offsets to commit after ``msgs``: one past the last message of each partition."""
-    top: dict[tuple[str, int], int] = {}
-    for msg in msgs:
-        if msg.error() is None:
-            key = (msg.topic(), msg.partition())
-            top[key] = max(top.get(key, -1), msg.offset())
-    return [TopicPartition(t, p, o + 1) for (t, p), o in top.items()]
-
-
-def first_offsets(msgs: Iterable[Message]) -> list[TopicPartition]:
-    """Where to seek to read ``msgs`` again: the first offset of each partition."""
-    low: dict[tuple[str, int], int] = {}
-    for msg in msgs:
-        if msg.error() is None:
-            key = (msg.topic(), msg.partition())
-            low[key] = min(low.get(key, msg.offset()), msg.offset())
-    return [TopicPartition(t, p, o) for (t, p), o in low.items()]
-
-
-class IntervalCommits:
-    """Offsets of finished batches, sent to the coordinator at most once per ``every_s`` (and at stop).
-
-    For a role whose redone batch is harmless (queries: a second answer is ignored by its correlation
-    id), a commit per batch only loads the broker: each is a request plus an append to the offsets
-    topic, and on a shared machine that work lands in the middle of the shards' scans. A crash redoes
-    at most ``every_s`` worth of batches (requests older than ``query.max_request_age_s`` are skipped).
-    """
-
-    def __init__(self, every_s: float) -> None:
-        self.every_s = every_s
-        self._due: dict[tuple[str, int], TopicPartition] = {}
-        self._sent_at = time.monotonic()
-
-    def add(self, offsets: Iterable[TopicPartition]) -> None:
-        for tp in offsets:
-            self._due[(tp.topic, tp.partition)] = tp
-
-    def take(self, force: bool = False) -> list[TopicPartition]:
-        """The offsets to commit now: all that are due once ``every_s`` passed (or ``force``), else none."""
-        now = time.monotonic()
-        if not self._due or (not force and now - self._sent_at < self.every_s):
-            return []
-        due, self._due, self._sent_at = list(self._due.values()), {}, now
-        return due
 
 
 def _record_size(msg: Message) -> int:
@@ -663,68 +549,3 @@ class Runtime:
         self._last_lag[id(consumer)] = now
         for lag in partition_lag(consumer):
             self.metrics.consumer_lag.labels(self.role, lag.topic, str(lag.partition)).set(lag.offset)
-
-
-def partition_lag(consumer: Consumer) -> list[TopicPartition]:
-    """Messages behind the high watermark per assigned partition (``offset`` holds the lag)."""
-    try:
-        positions = consumer.position(consumer.assignment())
-    except KafkaException:
-        return []
-    out = []
-    for tp in positions:
-        _low, high = consumer.get_watermark_offsets(tp, cached=True)
-        if high >= 0:
-            out.append(TopicPartition(tp.topic, tp.partition, max(0, high - max(tp.offset, 0))))
-    return out
-
-
-class TopicReader:
-    """Reads every partition of a topic from its beginning with ``assign()``: no group, no commits.
-
-    For state rebuilt from a topic (the code store, the model in use): each reader needs all of it.
-    ``caught_up`` compares the position with the high watermark of the first fetch response of each
-    partition, i.e. "read to where the topic ended when we started".
-    """
-
-    def __init__(
-        self,
-        rt: Runtime,
-        topic: str,
-        decode: Callable[[Message], Any],
-        fetch_wait_max_ms: int,
-    ) -> None:
-        self.rt = rt
-        self.topic = topic
-        self.decode = decode
-        self.consumer = make_consumer(rt.cfg, rt.role, None, fetch_wait_max_ms)
-        self.partitions = assign_all(self.consumer, topic, OFFSET_BEGINNING)
-        self._end: dict[int, int] = {}
-        self._caught_up = False
-
-    def poll(self, max_messages: int, timeout_s: float) -> list[Decoded]:
-        msgs = poll_batch(self.consumer, max_messages, timeout_s)
-        return self.rt.decode_all(msgs, self.decode) if msgs else []
-
-    def caught_up(self) -> bool:
-        if self._caught_up:
-            return True
-        for tp in self.partitions:
-            if tp.partition not in self._end:
-                _low, high = self.consumer.get_watermark_offsets(tp, cached=True)
-                if high < 0:
-                    return False  # no fetch response yet
-                self._end[tp.partition] = high
-        positions = self.consumer.position(self.partitions)
-        self._caught_up = all(self._position(tp) >= self._end[tp.partition] for tp in positions)
-        return self._caught_up
-
-    def _position(self, tp: TopicPartition) -> int:
-        if tp.offset >= 0:
-            return tp.offset
-        # Nothing consumed yet: we stand at the low watermark (above 0 once retention deleted the head).
-        low, _high = self.consumer.get_watermark_offsets(tp, cached=True)
-        return max(low, 0)
-
-    def close(self) -> None:
-        self.consumer.close()

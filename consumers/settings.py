@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from consumers.pacing import PacingConfig
+from consumers.learner.pacing import PacingConfig
 from fpocmh_core import config
 from fpocmh_core.model_check import ModelCheckConfig
 

@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from consumers.broker import BrokerError
+from consumers.brokers.process import BrokerError
 from fpocmh.commands.registry import Formatter, add_commands
 
 # name -> module; the order is the order of ``fpocmh --help``.

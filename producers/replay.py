@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from consumers.metrics import Metrics
-from consumers.query import Query, QueryClient
+from consumers.query.role import Query, QueryClient
 from consumers.runtime import Runtime
 from consumers.settings import PipelineConfig
 from fpocmh_core import evaluation, schemas

@@ -26,7 +26,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from consumers.broker import BROKER_KINDS, local_broker  # noqa: E402
+from consumers.brokers.launch import BROKER_KINDS, local_broker  # noqa: E402
 
 TOPIC = "append-stall"
 

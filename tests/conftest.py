@@ -52,7 +52,7 @@ def kafka_bootstrap(request):
     if request.param == "external":
         yield EXTERNAL_BROKER
         return
-    from consumers.broker import local_broker
+    from consumers.brokers.launch import local_broker
 
     # Apache Kafka's log cleaner looks for work every 100 ms (15 s by default): compaction shows within a test.
     props = {"properties": {"log.cleaner.backoff.ms": 100}} if request.param == "kafka" else {}

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from consumers.bench_scan_floor import BareLayouts, interleaved, shard_masks
-from consumers.shards import ShardSpec
+from consumers.bench.scan_floor import BareLayouts, interleaved, shard_masks
+from consumers.query.shards import ShardSpec
 
 
 def test_each_probe_visits_every_layout_once_starting_one_further_each_time() -> None:

@@ -19,10 +19,10 @@ import pytest
 import yaml
 from pipeline_support import wait_until
 
-from consumers.apache_kafka import ApacheKafkaBroker, kafka_version
-from consumers.broker import free_port
+from consumers.brokers.apache_kafka import ApacheKafkaBroker, kafka_version
+from consumers.brokers.process import free_port
 from consumers.kafka import TOPIC_NAMES, partitions_of
-from consumers.query import QueryClient
+from consumers.query.role import QueryClient
 from consumers.settings import load
 from fpocmh_core import config
 from fpocmh_core.protocols import P1Config, p1_split

@@ -311,7 +311,7 @@ def test_prometheus_scrapes_every_role_at_its_configured_port(compose, service_c
 
 
 def test_the_query_shards_split_the_codes_partitions_and_keep_their_own_snapshots(compose, service_config):
-    from consumers.shards import ShardSpec
+    from consumers.query.shards import ShardSpec
     from fpocmh.cli import build_parser
 
     parser = build_parser()

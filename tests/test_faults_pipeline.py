@@ -27,11 +27,13 @@ from pipeline_support import (
 )
 
 from consumers import kafka, settings
-from consumers.broker import EmbeddedBroker, free_port
-from consumers.encoder import run_encoder
+from consumers.brokers.process import free_port
+from consumers.brokers.tansu import EmbeddedBroker
+from consumers.encoder.role import run_encoder
+from consumers.handlers import Decoded
 from consumers.health import BrokerLost
-from consumers.learner import run_learner
-from consumers.runtime import Decoded, RoleStopped, Runtime
+from consumers.learner.role import run_learner
+from consumers.runtime import RoleStopped, Runtime
 from fpocmh_core import schemas
 from fpocmh_core.learners.base import model_from_state
 from fpocmh_core.model_check import Probe
@@ -133,7 +135,7 @@ def test_the_learner_dead_letters_bad_arrivals_never_learns_them_and_publishes_o
     assert learner.value("fpocmh_learner_rollbacks_total") == 0, "checked at the door, nothing to roll back"
     newest = read_topic(cfg, cfg.topics.models, 1)
     assert newest, "versions were published"
-    from consumers.learner import Checkpoints
+    from consumers.learner.publisher import Checkpoints
 
     state, _offsets, _ids = Checkpoints(cfg.learner.checkpoint_dir).latest()
     assert all(bool(torch.isfinite(p).all()) for p in model_from_state(state).parameters())

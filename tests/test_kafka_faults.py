@@ -30,12 +30,12 @@ from pipeline_support import (
 )
 
 from consumers import settings
-from consumers.apache_kafka import ApacheKafkaBroker
-from consumers.encoder import run_encoder
+from consumers.brokers.apache_kafka import ApacheKafkaBroker
+from consumers.encoder.role import run_encoder
 from consumers.kafka import make_producer
 from consumers.models import ModelFollower
 from consumers.processes import RoleProcess
-from consumers.query import CodeStore, QueryClient
+from consumers.query.role import CodeStore, QueryClient
 from consumers.runtime import Runtime
 from fpocmh_core import schemas
 from fpocmh_core.protocols import p1_chunk_records

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from pipeline_support import RoleThread, produce_arrivals, tiny_fpocmh_learner, wait_until
 
-from consumers.learner import run_learner
-from consumers.pacing import MIN_SHARE, Pacer, PacingConfig
+from consumers.learner.pacing import MIN_SHARE, Pacer, PacingConfig
+from consumers.learner.role import run_learner
 from fpocmh_core.protocols import p1_chunk_records
 
 

@@ -12,8 +12,10 @@ from confluent_kafka.admin import AdminClient, ConfigResource
 from pipeline_support import read_topic
 from prometheus_client import CollectorRegistry
 
-from consumers import apache_kafka, kafka, settings
-from consumers.broker import BROKER_KINDS, BrokerError, local_broker
+from consumers import kafka, settings
+from consumers.brokers import apache_kafka
+from consumers.brokers.launch import BROKER_KINDS, local_broker
+from consumers.brokers.process import BrokerError
 from consumers.metrics import Metrics
 from consumers.models import MODELS_FETCH_WAIT_MS, ModelFollower
 from consumers.runtime import Runtime

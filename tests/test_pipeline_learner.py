@@ -14,8 +14,9 @@ import time
 import pytest
 from pipeline_support import RoleThread, codes_of, produce_arrivals, read_all, read_codes_until, wait_until
 
-from consumers.encoder import run_encoder
-from consumers.learner import Checkpoints, run_learner
+from consumers.encoder.role import run_encoder
+from consumers.learner.publisher import Checkpoints
+from consumers.learner.role import run_learner
 from fpocmh_core import schemas
 from fpocmh_core.learners.fpocmh import load_config
 from fpocmh_core.learners.registry import learner_class, learner_from_state

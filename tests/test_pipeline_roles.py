@@ -20,8 +20,8 @@ from pipeline_support import (
     wait_until,
 )
 
-from consumers.encoder import run_encoder
-from consumers.query import Query, QueryClient, run_query
+from consumers.encoder.role import run_encoder
+from consumers.query.role import Query, QueryClient, run_query
 from fpocmh_core import codes as codes_mod
 from fpocmh_core import schemas
 from fpocmh_core.learners.base import model_from_state

@@ -11,9 +11,9 @@ import pytest
 from pipeline_support import RoleThread, model_state, paired_items, produce_arrivals, publish, wait_until
 
 from consumers import settings
-from consumers.encoder import run_encoder
-from consumers.query import run_query
-from consumers.query_client import QueryClient
+from consumers.encoder.role import run_encoder
+from consumers.query.client import QueryClient
+from consumers.query.role import run_query
 from fpocmh import cli
 from fpocmh.commands.query import parse_after, tag_vocabulary, words_to_features
 

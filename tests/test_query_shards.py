@@ -20,14 +20,13 @@ from pipeline_support import (
     wait_until,
 )
 
-from consumers import code_log
 from consumers.kafka import admin_config, ensure_topics, make_producer
 from consumers.models import ModelFollower
-from consumers.query import QueryService, run_query
-from consumers.query_client import Query, QueryClient, SessionOffsets
+from consumers.query.client import Query, QueryClient, SessionOffsets
+from consumers.query.role import QueryService, code_log, run_query
+from consumers.query.shards import ShardSpec
+from consumers.query.store import CodeStore
 from consumers.runtime import Runtime
-from consumers.shards import ShardSpec
-from consumers.store import CodeStore
 from fpocmh_core import schemas
 from fpocmh_core.learners.base import model_from_state
 from fpocmh_core.records import Modality

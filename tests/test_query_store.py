@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from pipeline_support import model_state
 
-from consumers import store as store_mod
-from consumers.shards import ShardAnswers, ShardSpec, merge_topk
-from consumers.snapshots import SnapshotDir
-from consumers.store import CodeStore, ModalStore
+from consumers.query.role import store as store_mod
+from consumers.query.shards import ShardAnswers, ShardSpec, merge_topk
+from consumers.query.snapshots import SnapshotDir
+from consumers.query.store import CodeStore, ModalStore
 from fpocmh_core import codes as codes_mod
 from fpocmh_core import schemas
 from fpocmh_core.learners.base import model_from_state

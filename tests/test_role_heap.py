@@ -12,7 +12,7 @@ def test_a_frozen_start_up_heap_still_collects_new_garbage_cycles():
     script = textwrap.dedent(
         """
         import gc, weakref
-        from consumers.runtime import freeze_startup_heap
+        from consumers.lifecycle import freeze_startup_heap
 
         frozen = freeze_startup_heap()
         class Node:

@@ -12,8 +12,8 @@ BENCHES = {
     "offline": "fpocmh_core.bench.offline",
     "stream": "fpocmh_core.bench.stream",
     "lifelong": "fpocmh_core.bench.lifelong",
-    "pipeline": "consumers.bench",
-    "query": "consumers.bench_query",
+    "pipeline": "consumers.bench.pipeline",
+    "query": "consumers.bench.query",
 }
 
 

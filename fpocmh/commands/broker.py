@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from consumers.broker import BROKER_KINDS
+from consumers.brokers.launch import BROKER_KINDS
 from fpocmh.commands.pipeline_args import BROKER_HELP
 
 HELP = "run a local broker (tansu in memory, or Apache Kafka) until Ctrl-C"
@@ -20,8 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import threading
 
-    from consumers.broker import local_broker
-    from consumers.runtime import install_signal_handlers
+    from consumers.brokers.launch import local_broker
+    from consumers.lifecycle import install_signal_handlers
 
     stop = threading.Event()
     install_signal_handlers(stop)

@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from consumers.encoder import run_encoder
+    from consumers.encoder.role import run_encoder
 
     cfg = load_config(args)
     require_broker(cfg, "fpocmh encode")

@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from consumers.learner import run_learner
+    from consumers.learner.role import run_learner
 
     cfg = load_config(args)
     require_broker(cfg, "fpocmh learn")

@@ -6,7 +6,7 @@ import argparse
 import threading
 from typing import TYPE_CHECKING
 
-from consumers.broker import BROKER_KINDS, local_broker
+from consumers.brokers.launch import BROKER_KINDS, local_broker
 
 if TYPE_CHECKING:
     from consumers.metrics import Metrics
@@ -73,10 +73,10 @@ def require_broker(cfg: PipelineConfig, command: str) -> None:
 
 def role_setup(cfg: PipelineConfig, port: int) -> tuple[Metrics, threading.Event]:
     """Metrics (served on ``port`` unless 0), the pipeline's topics, and a stop flag set by SIGTERM/Ctrl-C;
-    the heap built by start-up frozen (:func:`consumers.runtime.freeze_startup_heap`)."""
+    the heap built by start-up frozen (:func:`consumers.lifecycle.freeze_startup_heap`)."""
     from consumers.kafka import ensure_topics
+    from consumers.lifecycle import freeze_startup_heap, install_signal_handlers
     from consumers.metrics import Metrics
-    from consumers.runtime import freeze_startup_heap, install_signal_handlers
 
     metrics = Metrics()
     metrics.serve(port)

@@ -93,7 +93,7 @@ def words_to_features(words: str, vocab: list[str]) -> tuple[Any, list[str]]:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from consumers.query_client import Query, QueryClient, SessionOffsets
+    from consumers.query.client import Query, QueryClient, SessionOffsets
     from fpocmh_core.records import Modality
 
     cfg = load_config(args)

@@ -77,7 +77,7 @@ def score_printer(k: int) -> Callable[[ChunkScore], None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from consumers.query import QueryClient
+    from consumers.query.role import QueryClient
     from fpocmh_core.data import load_dataset
     from producers.replay import replay_stream
 

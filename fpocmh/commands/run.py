@@ -75,7 +75,7 @@ def version_zero(cfg: Any, ds: Any, stream: Any) -> Path:
     print(f"version 0: training {cfg.method} ({cfg.bits} bits) on {offline.size} offline pairs", flush=True)
     import torch
 
-    from consumers.learner import train_version_zero
+    from consumers.learner.role import train_version_zero
 
     # As many threads as the learner gets: on a shared machine, more threads than free cores is slower.
     torch.set_num_threads(cfg.learner.threads)
@@ -107,7 +107,7 @@ def probe_latency(client: Any, ds: Any, rows: Any, n: int, k: int = 100) -> dict
     """Round trips of ``n`` single queries sent one after another (alternating modality): ms p50/p99."""
     import numpy as np
 
-    from consumers.query_client import Query
+    from consumers.query.client import Query
     from fpocmh_core.records import Modality
 
     times = []
@@ -129,8 +129,9 @@ def stored_codes_map(cfg: Any, ds: Any, query_rows: Any, query_new: Any, metrics
     import collections
 
     from consumers.models import ModelFollower
-    from consumers.runtime import Runtime, TopicReader
-    from consumers.store import CodeStore
+    from consumers.query.store import CodeStore
+    from consumers.runtime import Runtime
+    from consumers.topic_reader import TopicReader
     from fpocmh_core import evaluation, schemas
     from fpocmh_core.records import Modality
     from producers.replay import query_groups
@@ -173,7 +174,8 @@ def dead_letters_by_reason(cfg: Any, metrics: Any) -> dict[str, int]:
     """Every message on the dead-letter topic now, counted by its reason header."""
     import collections
 
-    from consumers.runtime import Runtime, TopicReader
+    from consumers.runtime import Runtime
+    from consumers.topic_reader import TopicReader
     from fpocmh_core import schemas
 
     def reason(msg: Any) -> str:
@@ -228,10 +230,10 @@ def serve_until_stopped(cfg: Any, config_path: Path, roles: list[Any], stop: thr
 def run(args: argparse.Namespace) -> int:
     from consumers import settings
     from consumers.kafka import connect, ensure_topics
+    from consumers.lifecycle import install_signal_handlers
     from consumers.metrics import Metrics
     from consumers.processes import RoleProcess
-    from consumers.query_client import QueryClient
-    from consumers.runtime import install_signal_handlers
+    from consumers.query.client import QueryClient
     from fpocmh.commands.replay import load_protocol, score_printer
     from fpocmh_core.data import load_dataset
     from producers.replay import expected_codes, replay_stream, schedule

@@ -21,8 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from consumers.query import run_query
-    from consumers.shards import ShardSpec
+    from consumers.query.role import run_query
+    from consumers.query.shards import ShardSpec
 
     shard = ShardSpec.parse(args.shard)
     cfg = load_config(args)

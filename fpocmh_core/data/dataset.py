@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -101,3 +102,9 @@ class CrossModalDataset:
             h.update(str(arr.shape).encode())
             h.update(np.ascontiguousarray(arr).tobytes())
         return h.hexdigest()[:16]
+
+
+def require_keys(keys: set[str], needed: tuple[str, ...], path: Path | str) -> None:
+    missing = [k for k in needed if k not in keys]
+    if missing:
+        raise DatasetError(f"{path}: missing key(s) {missing}; the file has {sorted(keys)}")

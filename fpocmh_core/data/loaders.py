@@ -9,7 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
-from fpocmh_core.data.dataset import CrossModalDataset, DatasetError, check_aligned, check_features, check_labels
+from fpocmh_core.data.dataset import (
+    CrossModalDataset,
+    DatasetError,
+    check_aligned,
+    check_features,
+    check_labels,
+    require_keys,
+)
 
 DATA_ENV = "FPOCMH_DATA"
 # Looked in, in order, when neither a path nor FPOCMH_DATA is given.
@@ -41,12 +48,6 @@ def find_dataset(path: str | Path | None = None, pattern: str = DEFAULT_PATTERN)
         f"no dataset found from {origin}: looked for a file or a folder holding {pattern!r} in {looked}. "
         f"Pass --data PATH or set {DATA_ENV}."
     )
-
-
-def require_keys(keys: set[str], needed: tuple[str, ...], path: Path) -> None:
-    missing = [k for k in needed if k not in keys]
-    if missing:
-        raise DatasetError(f"{path}: missing key(s) {missing}; the file has {sorted(keys)}")
 
 
 # What numpy raises on a truncated or corrupt .npz: at open (no zip directory) or while inflating a member.

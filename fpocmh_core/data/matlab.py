@@ -41,8 +41,8 @@ from fpocmh_core.data.dataset import (
     check_aligned,
     check_features,
     check_labels,
+    require_keys,
 )
-from fpocmh_core.data.loaders import require_keys
 
 PARTS = ("offline", "online")
 FPO_KEYS = tuple(f"{part}_{kind}" for part in PARTS for kind in ("image", "text", "label"))

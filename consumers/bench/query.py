@@ -2,10 +2,10 @@
 
 Per store size (default 10^6 and 10^7 random 64-bit text codes):
 
-1. Memory: resident-set growth while a :class:`~consumers.store.ModalStore` takes the codes in
+1. Memory: resident-set growth while a :class:`~consumers.query.store.ModalStore` takes the codes in
    batches of 20,000 (ids, codes and the id lookup, all included), per code.
 2. The codes go to a codes topic of their own (round-robin over its partitions); one in-process
-   shard reader (:class:`~consumers.code_log.CodeLog` + store, as the role runs them) reads them all:
+   shard reader (:class:`~consumers.query.code_log.CodeLog` + store, as the role runs them) reads them all:
    the catch-up rate, codes/s.
 3. Snapshots: each shard layout's snapshots are written from the same codes, with the offsets the
    topic holds; restart time = loading the whole-store snapshot (CRC check included), and the time
@@ -16,7 +16,7 @@ Per store size (default 10^6 and 10^7 random 64-bit text codes):
    layout in turn, in an order that rotates), so a stretch of host noise falls on every layout alike
    rather than on whichever one it happened to be running. Per layout: round trip p50/p99, and the
    slowest shard's in-process search time per query. Each probe then goes to the layout's bare
-   scanning processes too (:mod:`consumers.bench_scan_floor`, no broker between): their p50/p99 are the
+   scanning processes too (:mod:`consumers.bench.scan_floor`, no broker between): their p50/p99 are the
    floor this host sets at the same moments. The merged answers of the first queries are compared with
    one in-process store's.
 """
@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from consumers.bench_scan_floor import BareLayouts, interleaved, round_percentiles, shard_masks
+from consumers.bench.scan_floor import BareLayouts, interleaved, round_percentiles, shard_masks
 
 HELP = "query tier benchmark: bytes/code, catch-up, snapshot restart, p50/p99 over 1/2/4 shards, exact merge"
 
@@ -81,7 +81,7 @@ def synthetic(size: int, bits: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def bytes_per_code(ids: np.ndarray, codes: np.ndarray) -> float:
     """Resident growth per code while a store takes ``codes`` in batches (shuffled: ids arrive unordered)."""
-    from consumers.store import ModalStore
+    from consumers.query.store import ModalStore
 
     order = np.random.default_rng(1).permutation(ids.size)
     shuffled_ids, shuffled_codes = ids[order], codes[order]
@@ -128,9 +128,9 @@ def produce_codes(cfg: Any, ids: np.ndarray, codes: np.ndarray, metrics: Any) ->
 
 def catch_up(cfg: Any, partitions: list[int], expected: int, metrics: Any) -> float:
     """codes/s for one in-process reader + store taking every partition from the beginning."""
-    from consumers.code_log import CodeLog
+    from consumers.query.code_log import CodeLog
+    from consumers.query.store import CodeStore
     from consumers.runtime import Runtime
-    from consumers.store import CodeStore
 
     rt = Runtime(cfg, "query", metrics)
     reader = CodeLog(rt, cfg.topics.codes, partitions)
@@ -150,9 +150,9 @@ def write_snapshots(
     cfg: Any, ids: np.ndarray, codes: np.ndarray, ends: dict[int, int], shards: int
 ) -> tuple[float, float]:
     """Every shard's snapshot for ``shards`` shards; (seconds to write, seconds to load shard 0's)."""
-    from consumers.shards import ShardSpec
-    from consumers.snapshots import SnapshotDir, shard_dir
-    from consumers.store import CodeStore
+    from consumers.query.shards import ShardSpec
+    from consumers.query.snapshots import SnapshotDir, shard_dir
+    from consumers.query.store import CodeStore
     from fpocmh_core.records import Modality
 
     partitions = sorted(ends)
@@ -199,7 +199,7 @@ def serve(cfg: Any, shards: int, work: Path, size: int, stop: threading.Event) -
     """``shards`` shard processes, started from their snapshots; (roles, seconds to the first full answer)."""
     from consumers import settings
     from consumers.processes import RoleProcess
-    from consumers.query_client import QueryClient
+    from consumers.query.client import QueryClient
 
     config_path = settings.dump(cfg, work / f"query{size}-{shards}.yaml")
     start = time.perf_counter()
@@ -236,7 +236,7 @@ def probe(
     by its bare processes."""
     from contextlib import ExitStack
 
-    from consumers.query_client import Query, QueryClient
+    from consumers.query.client import Query, QueryClient
     from fpocmh_core.records import Modality
 
     q_features, q_codes = queries
@@ -287,7 +287,7 @@ def probe(
 
 def merged_equal(client: Any, q_features: np.ndarray, expected: tuple[np.ndarray, np.ndarray]) -> bool:
     """Whether the tier's merged answers to the first queries equal one in-process store's, ties included."""
-    from consumers.query_client import Query
+    from consumers.query.client import Query
     from fpocmh_core.records import Modality
 
     equal = True
@@ -336,10 +336,10 @@ def run(args: argparse.Namespace) -> int:
     from confluent_kafka.admin import AdminClient
     from prometheus_client import CollectorRegistry
 
-    from consumers.bench import model_state, publish, tagged
+    from consumers.bench.workload import model_state, publish, tagged
     from consumers.kafka import admin_config, connect, ensure_topics, is_tansu
     from consumers.metrics import Metrics
-    from consumers.store import CodeStore, return_freed_arrays_to_os
+    from consumers.query.store import CodeStore, return_freed_arrays_to_os
     from fpocmh.commands.pipeline_args import broker_kind, load_config
     from fpocmh_core.bench.report import format_table, write_json
     from fpocmh_core.data import load_dataset

@@ -1,6 +1,6 @@
 """The query tier's client: sends requests, gathers every shard's answer and merges them.
 
-Every shard of the tier answers every request (see :mod:`consumers.shards`); an answer tells its
+Every shard of the tier answers every request (see :mod:`consumers.query.shards`); an answer tells its
 shard number and the shard count ``S``, so the client needs no shard configuration: it waits until it
 holds ``S`` answers for a correlation id (one untagged answer when a single store serves everything)
 and merges them by (distance, item id). A shard that does not answer in time makes the client raise,
@@ -27,9 +27,9 @@ from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
 from consumers.kafka import make_consumer, make_producer, partitions_of, query_fetch_wait_ms
 from consumers.metrics import Metrics
-from consumers.runtime import poll_batch
+from consumers.offsets import poll_batch
+from consumers.query.shards import ShardAnswers
 from consumers.settings import PipelineConfig
-from consumers.shards import ShardAnswers
 from fpocmh_core import schemas
 from fpocmh_core.records import Modality
 

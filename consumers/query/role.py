@@ -1,14 +1,14 @@
 """The query role: one shard of the code store, answering retrieval requests.
 
 A shard owns some partitions of the codes topic (all of them when it is the only one, see
-:mod:`consumers.shards`), starts from its newest valid snapshot (:mod:`consumers.snapshots`), reads
-its partitions to their end (:mod:`consumers.code_log`) and only then joins its group on the queries
+:mod:`consumers.query.shards`), starts from its newest valid snapshot (:mod:`consumers.query.snapshots`), reads
+its partitions to their end (:mod:`consumers.query.code_log`) and only then joins its group on the queries
 topic, then keeps up between request batches. A request names the query modality, its features (one
 row per query), k, the target modality (the other one by default: cross-modal retrieval) and
 optionally a consistency bound (minimum next offsets per codes partition); the answer holds the
 shard's ranked item ids and Hamming distances in (distance, id) order, tagged with the shard and the
 offsets its store reflects. The role's single thread owns the store, so searches never see it
-mid-update. The client lives in :mod:`consumers.query_client`.
+mid-update. The client lives in :mod:`consumers.query.client`.
 """
 
 from __future__ import annotations
@@ -22,16 +22,17 @@ import numpy as np
 import torch
 from confluent_kafka import Message
 
-from consumers.code_log import CodeLog, TopicReset
+from consumers.handlers import Decoded
 from consumers.kafka import make_consumer, partitions_of, query_fetch_wait_ms
 from consumers.metrics import Metrics
 from consumers.models import ModelFollower, ModelVersion
-from consumers.query_client import Query, QueryClient, QueryError
-from consumers.runtime import Decoded, Runtime
+from consumers.query.client import Query, QueryClient, QueryError
+from consumers.query.code_log import CodeLog, TopicReset
+from consumers.query.shards import ShardSpec
+from consumers.query.snapshots import SnapshotDir, shard_dir
+from consumers.query.store import CodeStore, return_freed_arrays_to_os
+from consumers.runtime import Runtime
 from consumers.settings import PipelineConfig
-from consumers.shards import ShardSpec
-from consumers.snapshots import SnapshotDir, shard_dir
-from consumers.store import CodeStore, return_freed_arrays_to_os
 from fpocmh_core import schemas
 from fpocmh_core.records import Modality
 from fpocmh_core.validation import check_query_features
@@ -47,7 +48,7 @@ CHECK_EVERY_S = 1.0
 
 
 class QueryService:
-    """The query role's :class:`~consumers.runtime.Handler`: keeps the shard's store current and answers."""
+    """The query role's :class:`~consumers.handlers.Handler`: keeps the shard's store current and answers."""
 
     def __init__(
         self, rt: Runtime, models: ModelFollower, first: ModelVersion, shard: ShardSpec, partitions: list[int]

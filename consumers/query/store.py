@@ -8,7 +8,7 @@ map is the sorted id array itself (binary search): 8 bytes of id plus bits/8 byt
 code and nothing else, against ~130 bytes for a faiss ``IndexBinaryIDMap2`` plus a Python set.
 
 Answers are ordered by (distance, item id) everywhere, so any split of the codes over shards merges
-back into exactly this store's answer, ties included (see :func:`consumers.shards.merge_topk`). The
+back into exactly this store's answer, ties included (see :func:`consumers.query.shards.merge_topk`). The
 search relies on faiss scanning rows in order with one thread per query (``faiss.omp_set_num_threads``
 as the role sets it); the tests check it on codes built to tie.
 """

@@ -1,6 +1,6 @@
 """A shard's reader of the codes topic: its own partitions, from given offsets, decoded in bulk.
 
-Unlike :class:`consumers.runtime.TopicReader` (every partition from the beginning, one Python object
+Unlike :class:`consumers.topic_reader.TopicReader` (every partition from the beginning, one Python object
 per message), this reader starts where a snapshot left off, decodes a whole fetch into numpy rows at
 once, tracks the next offset per partition (what the store reflects), and notices when the topic was
 reset under it (recreated: a partition now ends below our position), so the store can be rebuilt
@@ -22,7 +22,8 @@ import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message, TopicPartition
 
 from consumers.kafka import make_consumer, query_fetch_wait_ms
-from consumers.runtime import Runtime, poll_batch
+from consumers.offsets import poll_batch
+from consumers.runtime import Runtime
 from fpocmh_core import schemas
 
 log = logging.getLogger(__name__)

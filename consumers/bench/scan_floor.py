@@ -2,7 +2,7 @@
 scanning processes, with no broker, client or role between.
 
 Each layout of ``S`` shards gets ``S`` processes, each holding one shard's codes in a
-:class:`~consumers.store.ModalStore` (as a shard holds them) and answering a packed query code sent
+:class:`~consumers.query.store.ModalStore` (as a shard holds them) and answering a packed query code sent
 over a pipe with its exact top-k; a layout's round trip waits for all its processes. ``bench query``
 sends every probe to a layout's bare processes right after its shard roles answered it, so both meet
 the same moment of the host. Two shards' p99 over one shard's here is the best that any tier of
@@ -45,7 +45,7 @@ def round_percentiles(rounds: list[list[float]]) -> list[tuple[float, float]]:
 def shard_masks(ids: np.ndarray, partitions: list[int], shards: int) -> list[np.ndarray]:
     """Per shard of ``shards``: the rows whose item lives in one of its partitions, items spread
     round-robin over ``partitions`` as ``bench query`` produces them."""
-    from consumers.shards import ShardSpec
+    from consumers.query.shards import ShardSpec
 
     partition_of = np.asarray(partitions)[ids % len(partitions)]
     return [np.isin(partition_of, ShardSpec(s, shards).owns(partitions)) for s in range(shards)]
@@ -55,7 +55,7 @@ def _serve_scans(conn: Connection, base: str, bits: int, k: int) -> None:
     """A bare shard: load its codes, then search each query code it is sent and say when it is done."""
     import faiss
 
-    from consumers.store import ModalStore
+    from consumers.query.store import ModalStore
 
     faiss.omp_set_num_threads(1)  # as the query role sets it
     store = ModalStore(bits)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from consumers.store import sort_by_distance_then_id
+from consumers.query.store import sort_by_distance_then_id
 from fpocmh_core import schemas
 
 

@@ -23,9 +23,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from consumers.broker import BrokerError, BrokerProcess, free_port
+from consumers.brokers.process import BrokerError, BrokerProcess, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 POM = ROOT / "deploy" / "kafka" / "pom.xml"
 LOG4J_CONFIG = ROOT / "deploy" / "kafka" / "log4j2.properties"
 INSTALL_HINT = "run `make install` (scripts/fetch_kafka.sh fetches the broker with Maven)"

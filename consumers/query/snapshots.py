@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from consumers.store import CodeStore
+from consumers.query.store import CodeStore
 from fpocmh_core.records import Modality
 
 log = logging.getLogger(__name__)

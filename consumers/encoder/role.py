@@ -10,7 +10,7 @@ anywhere in a batch leaves every key with one committed code even when the model
 between; ``at_least_once`` commits the input offsets after the codes are acknowledged (see
 :mod:`consumers.runtime`). ``auto`` takes exactly-once where the broker has transactions (Apache
 Kafka) and at-least-once where it has not (the embedded tansu broker); there, the version each range
-of offsets is coded with is recorded before the codes (:mod:`consumers.intents`), so a batch read again
+of offsets is coded with is recorded before the codes (:mod:`consumers.encoder.intents`), so a batch read again
 after a crash gets the same codes. More copies in the same group share the arrivals' partitions.
 """
 
@@ -29,11 +29,12 @@ import numpy as np
 import torch
 from confluent_kafka import Consumer, Message, TopicPartition
 
-from consumers.intents import IntentLog
+from consumers.encoder.intents import IntentLog
+from consumers.handlers import Decoded
 from consumers.kafka import make_consumer, transactions_supported
 from consumers.metrics import Metrics
 from consumers.models import ModelFollower, ModelVersion
-from consumers.runtime import Decoded, RoleStopped, Runtime
+from consumers.runtime import RoleStopped, Runtime
 from consumers.settings import PipelineConfig
 from fpocmh_core import schemas
 from fpocmh_core.nets import HashModel
@@ -67,7 +68,7 @@ _BOTH_MASK = schemas.modality_mask(_BOTH)
 
 
 class Encoder:
-    """The encoder's :class:`~consumers.runtime.Handler`."""
+    """The encoder's :class:`~consumers.handlers.Handler`."""
 
     def __init__(
         self, rt: Runtime, models: ModelFollower, first: ModelVersion, intents: IntentLog | None = None

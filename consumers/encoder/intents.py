@@ -17,7 +17,8 @@ from collections.abc import Iterable
 
 from confluent_kafka import Message
 
-from consumers.runtime import Runtime, TopicReader
+from consumers.runtime import Runtime
+from consumers.topic_reader import TopicReader
 from fpocmh_core import schemas
 from fpocmh_core.schemas import CodingRange
 
