@@ -22,8 +22,9 @@ from pipeline_support import (
 
 from consumers.kafka import admin_config, ensure_topics, make_producer
 from consumers.models import ModelFollower
+from consumers.query import code_log
 from consumers.query.client import Query, QueryClient, SessionOffsets
-from consumers.query.role import QueryService, code_log, run_query
+from consumers.query.role import QueryService, run_query
 from consumers.query.shards import ShardSpec
 from consumers.query.store import CodeStore
 from consumers.runtime import Runtime

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from pipeline_support import model_state
 
-from consumers.query.role import store as store_mod
+from consumers.query import store as store_mod
 from consumers.query.shards import ShardAnswers, ShardSpec, merge_topk
 from consumers.query.snapshots import SnapshotDir
 from consumers.query.store import CodeStore, ModalStore
