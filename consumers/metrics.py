@@ -125,6 +125,13 @@ class Metrics:
             ["modality"],
             registry=registry,
         )
+        self.learner_lr_scale = Gauge(
+            "fpocmh_learner_lr_scale",
+            "Factor on the learning-rate schedule of this modality's network, as FPO-CMH's self-check set it "
+            "(below 1 once the rehearsal weight is at its maximum and the model still runs ahead)",
+            ["modality"],
+            registry=registry,
+        )
         self.learner_steps = Counter(
             "fpocmh_learner_steps_total", "Optimiser steps per modality", ["modality"], registry=registry
         )

@@ -328,3 +328,15 @@ def test_a_file_that_is_not_mat_is_refused(tmp_path):
     path.write_bytes(b"not a MATLAB file at all" * 8)
     with pytest.raises(DatasetError, match="not a MATLAB .mat or HDF5 file"):
         load_dataset(path)
+
+
+def test_another_feature_array_of_the_file_can_stand_in_for_a_modality(mirflickr):
+    minilm = mirflickr.with_features(text="txt_minilm")
+    assert minilm.dims == (mirflickr.dims[0], 384) and minilm.text.dtype == np.float32
+    assert np.array_equal(minilm.image, mirflickr.image) and np.array_equal(minilm.labels, mirflickr.labels)
+    assert mirflickr.with_features(text="txt_feat") is mirflickr
+
+
+def test_an_unknown_feature_key_names_the_file_and_the_arrays_it_has(mirflickr):
+    with pytest.raises(DatasetError, match=r"mirflickr.*'txt_bert'.*text.*\['img_feat', 'txt_feat'.*'txt_minilm'"):
+        mirflickr.with_features(text="txt_bert")

@@ -260,7 +260,9 @@ def test_the_lighter_rehearsal_changes_learning_only_after_a_new_category(ds):
 
 
 def test_the_rehearsal_weight_halves_while_stored_codes_keep_pace_and_doubles_once_the_model_runs_ahead():
-    cfg = SelfCheckConfig(every=1, items=8, queries=8, band=0.004, min_weight=0.5)
+    cfg = SelfCheckConfig(
+        every=1, items=8, queries=8, band=0.004, min_weight=0.5, max_weight=0.0, min_lr_scale=1.0, since="start"
+    )
     weights = RehearsalWeights(cfg, weight=5.0)
     weights.update({IMG: +0.003, TXT: -0.006})
     assert weights.weights == {IMG: 2.5, TXT: 5.0}, "the weight never exceeds the configured one"
@@ -271,6 +273,27 @@ def test_the_rehearsal_weight_halves_while_stored_codes_keep_pace_and_doubles_on
     assert weights.weights == {IMG: 0.5, TXT: 0.5}
     weights.update({IMG: -0.01, TXT: -0.002})
     assert weights.weights == {IMG: 1.0, TXT: 0.5}
+
+
+def test_a_network_at_its_maximum_weight_that_still_runs_ahead_learns_slower_and_gets_its_rate_back_first():
+    cfg = SelfCheckConfig(
+        every=1, items=8, queries=8, band=0.004, min_weight=1.0, max_weight=20.0, min_lr_scale=0.25, since="start"
+    )
+    weights = RehearsalWeights(cfg, weight=5.0)
+    for _ in range(2):
+        weights.update({IMG: -0.01, TXT: 0.0})
+    assert weights.weights == {IMG: 20.0, TXT: 1.25} and weights.lr_scales == {IMG: 1.0, TXT: 1.0}
+    for _ in range(3):
+        weights.update({IMG: -0.01, TXT: 0.0})
+    assert weights.lr_scales[IMG] == 0.25, "halved twice, then held at min_lr_scale"
+    weights.update({IMG: 0.0, TXT: 0.0})
+    assert (weights.weights[IMG], weights.lr_scales[IMG]) == (20.0, 0.5), "the rate comes back before the weight"
+    for _ in range(2):
+        weights.update({IMG: 0.0, TXT: 0.0})
+    assert (weights.weights[IMG], weights.lr_scales[IMG]) == (10.0, 1.0)
+    clone = RehearsalWeights(cfg, weight=5.0)
+    clone.load_meta(weights.to_meta())
+    assert clone.weights == weights.weights and clone.lr_scales == weights.lr_scales
 
 
 def test_the_self_check_sees_stored_codes_fall_behind_in_the_modality_whose_codes_fell_behind(ds):
@@ -284,10 +307,25 @@ def test_the_self_check_sees_stored_codes_fall_behind_in_the_modality_whose_code
     assert after[IMG] == pytest.approx(before[IMG]), "the image codes did not change"
 
 
-def test_the_self_check_steers_each_networks_rehearsal_only_after_a_new_category_and_survives_a_restart(ds):
+def test_by_default_the_self_check_steers_from_the_first_arrivals_of_a_stream_without_new_categories(ds):
+    has3 = ds.labels[:, 3] == 1
+    check = {"code_rehearsal.self_check.every": 8, "code_rehearsal.self_check.items": 64}
+    learner = make_learner(ds, OFFLINE[~has3[OFFLINE]], mu=2, learner_codes_block=4, **check)
+    learner.learn(unimodal_stream(ds, [int(r) for r in STREAM if not has3[r]][:24]))
+    assert not learner.bank.has_new_category
+    measured = learner.rehearsal
+    assert set(measured) == {IMG, TXT}, "measured on both networks with no new category"
+    assert all(np.isfinite(gap) and weight > 0 and 0 < scale <= 1 for gap, weight, scale in measured.values())
+
+
+def test_the_self_check_since_a_new_category_steers_only_after_one_and_survives_a_restart(ds):
     has3 = ds.labels[:, 3] == 1
     # A band this wide counts any drift as keeping pace, so every check halves the weights.
-    check = {"code_rehearsal.self_check.every": 8, "code_rehearsal.self_check.items": 64}
+    check = {
+        "code_rehearsal.self_check.every": 8,
+        "code_rehearsal.self_check.items": 64,
+        "code_rehearsal.self_check.since": "new_category",
+    }
     learners = [
         make_learner(ds, OFFLINE[~has3[OFFLINE]], mu=2, learner_codes_block=4, **{**check, **switch})
         for switch in ({"code_rehearsal.self_check.band": 1.0}, {"code_rehearsal.self_check.every": 0})
@@ -301,7 +339,7 @@ def test_the_self_check_steers_each_networks_rehearsal_only_after_a_new_category
         learner.learn(unimodal_stream(ds, [next(int(r) for r in STREAM if has3[r])]))
         learner.learn(old[24:40])
     measured = learners[0].rehearsal
-    assert {m: w for m, (_, w) in measured.items()} == {IMG: 2.5, TXT: 2.5} and learners[1].rehearsal == {}
+    assert {m: w for m, (_, w, _) in measured.items()} == {IMG: 2.5, TXT: 2.5} and learners[1].rehearsal == {}
     clone = FpocmhLearner.from_state(ModelState.from_bytes(learners[0].export_state().to_bytes()))
     assert clone.rehearsal == measured and clone.unchecked == learners[0].unchecked
     for each in (*learners, clone):

@@ -163,9 +163,10 @@ class LearnerRole:
             m.learner_items.labels(outcome).inc(n)
         m.learner_pending.set(report.pending)
         self.pending = report.pending
-        for modality, (gap, weight) in self.learner.rehearsal.items():
+        for modality, (gap, weight, lr_scale) in self.learner.rehearsal.items():
             m.learner_drift.labels(modality.short).set(gap)
             m.learner_rehearsal_weight.labels(modality.short).set(weight)
+            m.learner_lr_scale.labels(modality.short).set(lr_scale)
         show_bank_rows(self.learner, m)
 
     def _store_codes(self, report: LearnReport, present: dict[int, tuple[Any, ...]], position: Offsets) -> None:

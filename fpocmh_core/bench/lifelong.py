@@ -253,13 +253,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from fpocmh_core import config
-    from fpocmh_core.bench.report import format_table, seeds, write_json
-    from fpocmh_core.data import load_dataset
+    from fpocmh_core.bench.report import dataset, format_table, seeds, write_json
     from fpocmh_core.learners.dlch_train import DlchConfig
     from fpocmh_core.protocols import P2Config, p2_split
 
     torch.set_num_threads(args.threads)
-    ds = load_dataset(args.data)
+    ds = dataset(args)
     runs = seeds(args)
     rows: list[dict] = []
     for seed in runs:

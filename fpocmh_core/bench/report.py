@@ -45,6 +45,12 @@ def add_common_arguments(
     """The arguments every benchmark takes; ``multi_seed`` adds ``--seeds`` (read both with :func:`seeds`)."""
     parser.add_argument("--data", help="dataset file or folder (default: $FPOCMH_DATA, ./data, ../shared/data)")
     parser.add_argument("--bits", type=int, nargs="+", default=list(bits_default), help="code lengths")
+    parser.add_argument(
+        "--text-feature",
+        metavar="KEY",
+        help="the dataset's array to use as text (default txt_feat, bag of tags; e.g. txt_minilm, sentence embeddings)",
+    )
+    parser.add_argument("--image-feature", metavar="KEY", help="the dataset's array to use as image (default img_feat)")
     parser.add_argument("--json", type=Path, help="write the results as JSON to this file")
     group = parser.add_mutually_exclusive_group() if multi_seed else parser
     group.add_argument("--seed", type=int, default=0, help="seed for splits and initialisation")
@@ -58,6 +64,14 @@ def add_common_arguments(
             "report mean and standard deviation over the seeds",
         )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def dataset(args: argparse.Namespace) -> Any:
+    """The benchmark's dataset with the feature arrays ``--image-feature`` / ``--text-feature`` chose."""
+    from fpocmh_core.data import load_dataset
+
+    ds = load_dataset(args.data)
+    return ds.with_features(getattr(args, "image_feature", None), getattr(args, "text_feature", None))
 
 
 def seeds(args: argparse.Namespace) -> list[int]:

@@ -33,7 +33,7 @@ from fpocmh_core import codes, config, evaluation
 from fpocmh_core.bench import arms as arms_mod
 from fpocmh_core.bench import report, stream_summary
 from fpocmh_core.bench.arms import Arm
-from fpocmh_core.data import CrossModalDataset, load_dataset
+from fpocmh_core.data import CrossModalDataset
 from fpocmh_core.protocols import Stream, StreamSplit, load_stream
 from fpocmh_core.records import Modality
 
@@ -251,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    ds = load_dataset(args.data)
+    ds = report.dataset(args)
     seeds = report.seeds(args)
     results: list[dict[str, Any]] = []
     over_seeds: list[dict[str, Any]] = []

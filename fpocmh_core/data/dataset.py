@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,24 @@ class CrossModalDataset:
         if name not in self.label_names:
             raise DatasetError(f"{self.source or self.name}: no label named {name!r}; have {self.label_names}")
         return self.label_names.index(name)
+
+    def with_features(self, image: str | None = None, text: str | None = None) -> CrossModalDataset:
+        """The same items with another feature array of the file as the image and/or text modality
+        (``text="txt_minilm"``); ``image``/``text`` None, ``"img_feat"`` or ``"txt_feat"`` keep the default."""
+        chosen = {}
+        for modality, key, default in (("image", image, "img_feat"), ("text", text, "txt_feat")):
+            if key in (None, default):
+                continue
+            if key not in self.extras or self.extras[key].ndim != 2:
+                usable = sorted(k for k, v in self.extras.items() if v.ndim == 2)
+                raise DatasetError(
+                    f"{self.source or self.name}: no feature array {key!r} for the {modality} modality; "
+                    f"the file has {['img_feat', 'txt_feat', *usable]}"
+                )
+            chosen[modality] = self.extras[key].astype(np.float32)
+        if not chosen:
+            return self
+        return dataclasses.replace(self, name=f"{self.name}[{image or 'img_feat'},{text or 'txt_feat'}]", **chosen)
 
     def fingerprint(self) -> str:
         """A short content hash, recorded in checkpoint manifests."""

@@ -80,7 +80,9 @@ def _read_npz(path: Path) -> CrossModalDataset:
         split = npz["split"].astype(np.uint8) if "split" in keys else None
         names = tuple(str(s) for s in npz["label_names"]) if "label_names" in keys else ()
         space = str(npz["feature_space"]) if "feature_space" in keys else "separate"
-        extras = {k: npz[k] for k in ("ids", "txt_minilm") if k in keys}
+        # Any other per-item array can stand in for a modality (CrossModalDataset.with_features).
+        core = {"img_feat", "txt_feat", "labels", "split", "label_names", "feature_space"}
+        extras = {k: npz[k] for k in sorted(keys - core) if npz[k].shape[:1] == (len(arrays["labels"]),)}
         return CrossModalDataset(
             name=path.stem,
             image=arrays["img_feat"].astype(np.float32),

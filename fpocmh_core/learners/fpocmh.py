@@ -314,11 +314,17 @@ class FpocmhLearner(OnlineLearner):
         return len(self.waiting)
 
     @property
-    def rehearsal(self) -> dict[Modality, tuple[float, float]]:
-        return {m: (gap, self.weights.weights[m]) for m, gap in self.weights.gaps.items()}
+    def rehearsal(self) -> dict[Modality, tuple[float, float, float]]:
+        """Per modality, after the first self-check: (stored minus re-hashed mAP, rehearsal weight, lr scale)."""
+        w = self.weights
+        return {m: (gap, w.weights[m], w.lr_scales[m]) for m, gap in w.gaps.items()}
 
     def _self_checking(self) -> bool:
-        return self.cfg.code_rehearsal.self_checked and self.bank.has_new_category
+        rehearsal = self.cfg.code_rehearsal
+        return rehearsal.self_checked and (rehearsal.self_check.since == "start" or self.bank.has_new_category)
+
+    def _lr_scale(self, m: Modality) -> float:
+        return self.weights.lr_scales[m] if self._self_checking() else 1.0
 
     def _rehearsal_weight(self, m: Modality) -> float:
         if self._self_checking():
@@ -569,7 +575,8 @@ class FpocmhLearner(OnlineLearner):
         tgts.clear()
         if step:
             for group in self.optimizers[m].param_groups:
-                group["lr"] = self.base_lr[m] * self.cfg.lr_schedule.factor(self.steps[m], self.bank.has_new_category)
+                factor = self.cfg.lr_schedule.factor(self.steps[m], self.bank.has_new_category)
+                group["lr"] = self.base_lr[m] * factor * self._lr_scale(m)
             self.optimizers[m].step()
             self.optimizers[m].zero_grad(set_to_none=True)
             self.window[m] = 0
@@ -672,6 +679,13 @@ class FpocmhLearner(OnlineLearner):
             "new_category_weight": None,
             "self_check": {"every": 0, "items": 1, "queries": 1, "band": 1.0, "min_weight": 0.0},
             **saved["code_rehearsal"],
+        }
+        # States from before the self-check ran from the stream's start steered only after a new category.
+        saved["code_rehearsal"]["self_check"] = {
+            "max_weight": 0.0,
+            "min_lr_scale": 1.0,
+            "since": "new_category",
+            **saved["code_rehearsal"]["self_check"],
         }
         saved["lr_schedule"] = {"restart_on_new_category": False, "restart_start": None, **saved["lr_schedule"]}
         cfg = config.build(FpocmhConfig, saved, "fpocmh state")

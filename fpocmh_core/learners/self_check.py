@@ -29,25 +29,36 @@ from fpocmh_core.learners.reservoir import MODALITIES, CodeReservoir
 from fpocmh_core.nets import HashModel
 from fpocmh_core.records import Modality
 
+SINCE = ("start", "new_category")
+
 
 @dataclass(frozen=True)
 class SelfCheckConfig:
-    """``every`` learnt views (0 = off) once the bank holds a category the offline part lacked, measure
-    the drift on ``items`` reservoir slots per modality (up to ``queries`` of them also query) and
-    steer the rehearsal weights; ``band``: how far the model may run ahead of its stored codes (in mAP)
-    before its rehearsal weight doubles; ``min_weight``: the lightest rehearsal."""
+    """Every ``every`` learnt views (0 = off), from the stream's start (``since: start``) or once the bank
+    holds a category the offline part lacked (``since: new_category``), measure the drift on ``items``
+    reservoir slots per modality (up to ``queries`` of them also query) and steer; ``band``: how far the
+    model may run ahead of its stored codes (in mAP) before it is held tighter; ``min_weight`` and
+    ``max_weight``: the range of the rehearsal weight (the configured weight is the maximum when larger);
+    ``min_lr_scale``: how far the learning rate may be scaled down once the weight is at ``max_weight``."""
 
     every: int
     items: int
     queries: int
     band: float
     min_weight: float
+    max_weight: float
+    min_lr_scale: float
+    since: str
 
     def __post_init__(self) -> None:
         if self.every < 0 or self.items < 1 or self.queries < 1:
             raise config.ConfigError("fpocmh: code_rehearsal.self_check needs every >= 0, items >= 1 and queries >= 1")
         if self.band <= 0 or self.min_weight < 0:
             raise config.ConfigError("fpocmh: code_rehearsal.self_check needs band > 0 and min_weight >= 0")
+        if not 0 < self.min_lr_scale <= 1:
+            raise config.ConfigError("fpocmh: code_rehearsal.self_check.min_lr_scale must be in (0, 1]")
+        if self.since not in SINCE:
+            raise config.ConfigError(f"fpocmh: code_rehearsal.self_check.since must be one of {', '.join(SINCE)}")
 
 
 def stored_minus_rehashed(
@@ -76,31 +87,53 @@ def stored_minus_rehashed(
 
 
 class RehearsalWeights:
-    """Each network's stored-code rehearsal weight, steered by the drift of the codes it wrote."""
+    """Each network's stored-code rehearsal weight and learning-rate scale, steered by the drift of the
+    codes it wrote.
+
+    Once the model runs ahead of its stored codes by more than ``band`` the network is held tighter: its
+    rehearsal weight doubles up to ``max_weight`` (the configured weight when that is unset), then its
+    learning rate halves down to ``min_lr_scale`` of the schedule's. While the stored codes keep pace (drift
+    above ``-band / 2``) it is let go in the reverse order: the learning rate back first, then the weight
+    halved down to ``min_weight``. In between, nothing changes (hysteresis: one noisy check does not flip it).
+    """
 
     def __init__(self, cfg: SelfCheckConfig, weight: float) -> None:
-        self.cfg, self.max_weight = cfg, weight
+        self.cfg = cfg
+        self.max_weight = max(cfg.max_weight, weight)
         self.weights = dict.fromkeys(MODALITIES, weight)
+        self.lr_scales = dict.fromkeys(MODALITIES, 1.0)
         self.gaps: dict[Modality, float] = {}
 
     def to_meta(self) -> dict[str, dict[str, float]]:
-        """The weights and last drift, for the learner's state (JSON)."""
+        """The weights, learning-rate scales and last drift, for the learner's state (JSON)."""
         return {
             "weights": {m.short: w for m, w in self.weights.items()},
+            "lr_scales": {m.short: s for m, s in self.lr_scales.items()},
             "gaps": {m.short: g for m, g in self.gaps.items()},
         }
 
     def load_meta(self, meta: Mapping[str, Mapping[str, float]]) -> None:
-        """Inverse of :meth:`to_meta`."""
+        """Inverse of :meth:`to_meta` (states written before the learning-rate scale load with 1.0)."""
         self.weights = {m: float(meta["weights"][m.short]) for m in MODALITIES}
+        self.lr_scales = {m: float(meta.get("lr_scales", {}).get(m.short, 1.0)) for m in MODALITIES}
         self.gaps = {m: float(meta["gaps"][m.short]) for m in MODALITIES if m.short in meta["gaps"]}
 
     def update(self, gaps: Mapping[Modality, float]) -> None:
-        """Halve a network's weight while its stored codes keep pace (drift above -band / 2), double it
-        once the model runs ahead by more than ``band``; in between it stays."""
         self.gaps = dict(gaps)
         for m, gap in gaps.items():
             if gap < -self.cfg.band:
-                self.weights[m] = min(self.max_weight, max(self.weights[m], self.cfg.min_weight) * 2)
+                self._tighten(m)
             elif gap > -self.cfg.band / 2:
-                self.weights[m] = max(self.cfg.min_weight, self.weights[m] / 2)
+                self._loosen(m)
+
+    def _tighten(self, m: Modality) -> None:
+        if self.weights[m] < self.max_weight:
+            self.weights[m] = min(self.max_weight, max(self.weights[m], self.cfg.min_weight, 1e-3) * 2)
+        else:
+            self.lr_scales[m] = max(self.cfg.min_lr_scale, self.lr_scales[m] / 2)
+
+    def _loosen(self, m: Modality) -> None:
+        if self.lr_scales[m] < 1.0:
+            self.lr_scales[m] = min(1.0, self.lr_scales[m] * 2)
+        else:
+            self.weights[m] = max(self.cfg.min_weight, self.weights[m] / 2)
