@@ -21,6 +21,17 @@ log = logging.getLogger(__name__)
 
 # Client errors that mean "no broker answers" (as opposed to a refused request).
 LOST = {KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE}
+# Errors that mean "the broker refused who we are or what we asked": retrying changes nothing, so they
+# are counted (fpocmh_broker_errors_total{kind}) and logged as errors, and a role stops on them.
+REFUSED = {
+    KafkaError._AUTHENTICATION: "authentication",
+    KafkaError.SASL_AUTHENTICATION_FAILED: "authentication",
+    KafkaError._SSL: "authentication",
+    KafkaError.TOPIC_AUTHORIZATION_FAILED: "authorization",
+    KafkaError.GROUP_AUTHORIZATION_FAILED: "authorization",
+    KafkaError.CLUSTER_AUTHORIZATION_FAILED: "authorization",
+    KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED: "authorization",
+}
 
 
 class BrokerUnavailable(RuntimeError):
@@ -31,6 +42,10 @@ class BrokerLost(BrokerUnavailable):
     """A running role has been without a broker for longer than ``broker.loss_timeout_s``."""
 
 
+class BrokerRefused(BrokerUnavailable):
+    """The broker refused the role's login, or a request the role's principal may not make."""
+
+
 class BrokerHealth:
     """Broker reachability as one role's clients see it (thread-safe: librdkafka calls back on its threads)."""
 
@@ -39,6 +54,8 @@ class BrokerHealth:
         self.bootstrap = bootstrap
         self.loss_timeout_s = loss_timeout_s
         self.gauge = gauge
+        # fpocmh_broker_errors_total, once the role's runtime hands it over.
+        self.errors: Any | None = None
         self.down_since: float | None = None
         self.outages = 0
         self._lock = threading.Lock()
@@ -51,9 +68,24 @@ class BrokerHealth:
     def on_error(self, err: KafkaError) -> None:
         """librdkafka's ``error_cb``."""
         if err.code() in LOST:
+            self.count("transport")
             self.lost(err.str())
+        elif err.code() in REFUSED:
+            self.refused(err)
         else:
+            self.count("other")
             log.warning("%s: Kafka client error: %s", self.role, err.str())
+
+    def count(self, kind: str) -> None:
+        if self.errors is not None:
+            self.errors.labels(self.role, kind).inc()
+
+    def refused(self, err: KafkaError) -> BrokerRefused:
+        """Count and log a refusal; returns the exception a role stops with."""
+        kind = REFUSED.get(err.code(), "other")
+        self.count(kind)
+        log.error("%s: the broker at %s refused the %s: %s", self.role, self.bootstrap, kind, err.str())
+        return BrokerRefused(f"{self.role}: the broker at {self.bootstrap} refused it ({kind}): {err.str()}")
 
     def lost(self, why: str) -> None:
         with self._lock:
@@ -122,16 +154,35 @@ def client_logger(role: str) -> logging.Logger:
     return logger
 
 
-def require_reachable(conf: dict[str, Any], timeout_s: float) -> None:
-    """Raise :class:`BrokerUnavailable` with one line naming the address unless a broker answers in time."""
+def require_reachable(conf: dict[str, Any], timeout_s: float, login_fix: str = "") -> None:
+    """Raise :class:`BrokerUnavailable` with one line naming the address unless a broker answers in time,
+    or :class:`BrokerRefused` naming the login and ``login_fix`` (what to set) once it refuses the login."""
     bootstrap = conf.get("bootstrap.servers", "")
-    admin = AdminClient({**conf, "logger": client_logger("connect")})
-    try:
-        if admin.list_topics(timeout=timeout_s).brokers:
-            return
-    except KafkaException as exc:
-        raise BrokerUnavailable(
-            f"no Kafka broker answered at {bootstrap} within {timeout_s:.0f} s ({exc.args[0].str()}); "
-            "check --bootstrap / kafka.bootstrap.servers, or start one with `fpocmh broker`"
-        ) from None
-    raise BrokerUnavailable(f"no Kafka broker answered at {bootstrap} within {timeout_s:.0f} s")
+    refusals: list[KafkaError] = []
+
+    def on_error(err: KafkaError) -> None:
+        if err.code() in REFUSED:
+            refusals.append(err)
+
+    admin = AdminClient({**conf, "logger": client_logger("connect"), "error_cb": on_error})
+    deadline = time.monotonic() + timeout_s
+    why = ""
+    # Short metadata requests: a refused login shows (error_cb, served by poll) within one of them, so a
+    # wrong password is told at once, not after the whole timeout.
+    while not refusals and time.monotonic() < deadline:
+        try:
+            if admin.list_topics(timeout=min(1.0, timeout_s)).brokers:
+                return
+        except KafkaException as exc:
+            why = f" ({exc.args[0].str()})"
+        admin.poll(0)
+    if refusals:
+        user = conf.get("sasl.username", "")
+        raise BrokerRefused(
+            f"the broker at {bootstrap} refused the login{f' of {user}' if user else ''} "
+            f"({refusals[0].str().rsplit(': ', 1)[-1]})" + (f"; {login_fix}" if login_fix else "")
+        )
+    raise BrokerUnavailable(
+        f"no Kafka broker answered at {bootstrap} within {timeout_s:.0f} s{why}; "
+        "check --bootstrap / kafka.bootstrap.servers, or start one with `fpocmh broker`"
+    )

@@ -2,7 +2,8 @@
 
 Client properties are layered: fixed defaults, then the role's named settings, then every property of
 the ``kafka:`` mapping unchanged (so ``security.protocol``, ``sasl.*`` and ``ssl.*`` reach every
-client), then the few the roles own (group id, manual commits).
+client), then the role's login (:mod:`consumers.credentials`) and the few the roles own (group id,
+manual commits).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
-from consumers import health
+from consumers import credentials, health
 from consumers.brokers.launch import BROKER_KINDS, local_broker
 from consumers.settings import PipelineConfig
 
@@ -57,6 +58,7 @@ def producer_config(cfg: PipelineConfig, role: str, **props: Any) -> dict[str, A
         **props,
     }
     conf.update(cfg.kafka)
+    conf.update(credentials.login(cfg, role))
     return conf
 
 
@@ -82,6 +84,7 @@ def consumer_config(
         **props,
     }
     conf.update(cfg.kafka)
+    conf.update(credentials.login(cfg, role))
     # Readers of a whole topic (assign, no commits) still need a group id in librdkafka.
     conf["group.id"] = group or f"fpocmh-{role}-reader-{uuid.uuid4().hex[:12]}"
     conf["enable.auto.commit"] = False
@@ -89,12 +92,15 @@ def consumer_config(
 
 
 def admin_config(cfg: PipelineConfig) -> dict[str, Any]:
-    return {**_base(cfg), "logger": health.client_logger("admin"), **cfg.kafka}
+    return {**_base(cfg), "logger": health.client_logger("admin"), **cfg.kafka, **credentials.login(cfg)}
 
 
 def require_broker_reachable(cfg: PipelineConfig) -> None:
-    """One line naming the address, within ``broker.connect_timeout_s``, when no broker answers."""
-    health.require_reachable({**_base(cfg), **cfg.kafka}, cfg.broker.connect_timeout_s)
+    """One line naming the address, within ``broker.connect_timeout_s``, when no broker answers (or what to
+    set when it refuses the login)."""
+    login = credentials.login(cfg)
+    fix = credentials.where(cfg, credentials.role_of(cfg)) if login else ""
+    health.require_reachable({**_base(cfg), **cfg.kafka, **login}, cfg.broker.connect_timeout_s, fix)
 
 
 def make_producer(cfg: PipelineConfig, role: str, **props: Any) -> Producer:
@@ -236,12 +242,19 @@ def assign_all(consumer: Consumer, topic: str, offset: int) -> list[TopicPartiti
 
 
 @contextlib.contextmanager
-def connect(cfg: PipelineConfig, log_dir: Path | None = None, kind: str = BROKER_KINDS[0]) -> Iterator[PipelineConfig]:
-    """``cfg`` as it is when Kafka is configured; otherwise with a local broker of ``kind`` for the block."""
+def connect(
+    cfg: PipelineConfig, log_dir: Path | None = None, kind: str = BROKER_KINDS[0], secure: bool = False
+) -> Iterator[PipelineConfig]:
+    """``cfg`` as it is when Kafka is configured; otherwise with a local broker of ``kind`` for the block
+    (``secure``: secured, with a principal per role and the ACLs of ``security.acls``)."""
     if cfg.bootstrap_servers:
         yield cfg
         return
     log_path = None if log_dir is None else log_dir / f"{kind}.log"
+    if secure:
+        with credentials.secured_broker(cfg, kind, log_dir, log_path=log_path) as secured:
+            yield secured
+        return
     with local_broker(kind, log_path=log_path) as bootstrap:
         log.info("no Kafka configured: started a local %s broker on %s", kind, bootstrap)
         yield cfg.with_bootstrap(bootstrap)

@@ -60,6 +60,14 @@ class Metrics:
             ["role"],
             registry=registry,
         )
+        # kind: authentication (login refused, TLS), authorization (a request the principal may not make),
+        # transport (no broker answers), other.
+        self.broker_errors = Counter(
+            "fpocmh_broker_errors_total",
+            "Errors the role's Kafka clients reported, by kind",
+            ["role", "kind"],
+            registry=registry,
+        )
         self.topic_resets = Counter(
             "fpocmh_topic_resets_total",
             "Input topics found recreated or behind the role's saved offsets (the stream restarted)",

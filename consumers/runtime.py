@@ -115,8 +115,11 @@ class Runtime:
         self.stop = stop or threading.Event()
         self.health = health.for_role(role, cfg.bootstrap_servers, cfg.broker.loss_timeout_s)
         self.health.gauge = metrics.broker_up
+        self.health.errors = metrics.broker_errors
         metrics.broker_up.labels(role).set(1 if self.health.is_up else 0)
         self._failures: list[str] = []
+        # Before the producer: initialising a transactional one may already probe for the broker.
+        self._last_probe = 0.0
         props = dict(producer_props or {})
         if transactional_id:
             props["transactional.id"] = transactional_id
@@ -134,12 +137,13 @@ class Runtime:
         # ones through ``on_commit``, which the consumer must be given). Below it nothing is read again.
         self.committed: dict[tuple[str, int], int] = {}
         self._last_lag: dict[int, float] = {}
-        self._last_probe = 0.0
 
     # ------------------------------------------------------------------------------------- producing
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
+            if err.code() in health.REFUSED and not self._failures:
+                self.health.refused(err)  # once per batch: flush() then stops the batch (DeliveryError)
             self._failures.append(f"{msg.topic()}: {err.str()}")
 
     def produce(
@@ -262,6 +266,10 @@ class Runtime:
             if err is not None:
                 if err.fatal():
                     raise KafkaException(err)
+                if err.code() in health.REFUSED:
+                    # Not retried: the principal may not read this topic or join this group, and asking
+                    # again every poll would only hide that.
+                    raise self.health.refused(err)
                 if err.code() in health.LOST:
                     self.health.on_error(err)
                 elif err.code() != KafkaError._PARTITION_EOF:

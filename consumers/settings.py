@@ -153,6 +153,11 @@ class ValidationConfig:
 class SecurityConfig:
     model_key: str
     model_key_file: str
+    broker_login: bool
+    credentials_dir: str
+    login: str
+    principals: Mapping[str, str]
+    acls: Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -278,5 +283,7 @@ def dump(cfg: PipelineConfig, path: str | Path) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # A child runs one role and logs in as that role's principal, not as its parent's.
+    cfg = dataclasses.replace(cfg, security=dataclasses.replace(cfg.security, login=""))
     path.write_text(yaml.safe_dump(config.to_dict(cfg), sort_keys=False))
     return path

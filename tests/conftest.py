@@ -65,6 +65,9 @@ def pytest_configure(config):
         "markers", "requires_kafka(gap): needs what tansu lacks (a key of conftest.TANSU_GAPS); skipped on tansu"
     )
     config.addinivalue_line("markers", "apache_kafka: starts Apache Kafka brokers of its own (counted as Kafka tests)")
+    config.addinivalue_line(
+        "markers", "secure_kafka: runs against the secured Apache Kafka (counted apart from the per-broker tests)"
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -84,6 +87,8 @@ def broker_of(item) -> str | None:
     return None if callspec is None else callspec.params.get("kafka_bootstrap")
 
 
+# Tests with a broker of their own, by marker, and the count they go to.
+BROKER_MARKERS = {"secure_kafka": "secure", "apache_kafka": "kafka"}
 _outcomes: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 
 
@@ -91,14 +96,21 @@ _outcomes: dict[str, collections.Counter] = collections.defaultdict(collections.
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    broker = broker_of(item) or ("kafka" if item.get_closest_marker("apache_kafka") else None)
+    broker = broker_of(item) or next(
+        (name for marker, name in BROKER_MARKERS.items() if item.get_closest_marker(marker)), None
+    )
     if broker and (report.when == "call" or report.outcome != "passed"):
         _outcomes[broker][report.outcome] += 1
 
 
 def pytest_terminal_summary(terminalreporter):
     for broker, counts in sorted(_outcomes.items()):
-        name = {"kafka": "Apache Kafka", "tansu": "tansu", "external": EXTERNAL_BROKER}[broker]
+        name = {
+            "kafka": "Apache Kafka",
+            "tansu": "tansu",
+            "secure": "Apache Kafka, secured (SASL_SSL, ACLs)",
+            "external": EXTERNAL_BROKER,
+        }[broker]
         ran = counts["passed"] + counts["failed"]
         terminalreporter.write_line(
             f"broker tests on {name}: {ran} run ({counts['passed']} passed, {counts['failed']} failed), "

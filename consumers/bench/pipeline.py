@@ -33,12 +33,13 @@ ROUND_TIMEOUT_S = 180.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fpocmh.commands.pipeline_args import add_broker_argument, add_pipeline_arguments
+    from fpocmh.commands.pipeline_args import add_broker_argument, add_pipeline_arguments, add_secure_argument
     from fpocmh_core.bench.report import add_common_arguments
 
     add_common_arguments(parser)
     add_pipeline_arguments(parser)
     add_broker_argument(parser)
+    add_secure_argument(parser)
     parser.add_argument("--items", type=int, default=100_000, help="arrivals per ingest measurement")
     parser.add_argument(
         "--sizes", type=float, nargs="+", default=[1e4, 1e5, 1e6], help="stored codes for the query latency sweep"
@@ -275,7 +276,8 @@ def query_latency(
     config_path = settings.dump(cfg, work / f"query{size}.yaml")
     role = RoleProcess("serve-queries", config_path, work / f"query{size}.log").start()
     # Few, large record batches: tansu's in-memory store slows down as a topic's batch count grows.
-    rt = Runtime(cfg, "replay", metrics, producer_props={"linger.ms": 100, "batch.size": cfg.message_max_bytes})
+    # The codes stand in for an encoder's: written by the benchmark (the operator's login when secured).
+    rt = Runtime(cfg, "bench", metrics, producer_props={"linger.ms": 100, "batch.size": cfg.message_max_bytes})
     try:
         with QueryClient(cfg) as client:
             fill_start = time.perf_counter()
@@ -364,7 +366,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"encoder in-process: {shown(bound['encoder_items_per_s'])}", flush=True)
     print(f"hash network alone, same items: {shown(bound['network_items_per_s'])}", flush=True)
     print(f"MLP alone, image items: {shown(bound['mlp_image_items_per_s'])}", flush=True)
-    with connect(cfg, work, kind) as cfg:
+    with connect(cfg, work, kind, args.secure) as cfg:
         broker = broker_raw(cfg, messages, metrics, repeats)
         print(f"broker raw produce -> consume: {shown(broker)}", flush=True)
         # At least once here on every broker; the transactional mode gets its own round below.
@@ -387,6 +389,7 @@ def run(args: argparse.Namespace) -> int:
     lower = min(encoder_best, broker_best)
     summary = {
         "broker": broker_name,
+        "secure": args.secure,
         "bits": cfg.bits,
         "items": len(messages),
         "bytes_per_item": bytes_per_item,

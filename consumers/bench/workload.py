@@ -15,7 +15,7 @@ def tagged(cfg: Any, tag: str) -> Any:
     from consumers.settings import Topics
 
     topics = Topics(**{f.name: f"{getattr(cfg.topics, f.name)}.{tag}" for f in dataclasses.fields(Topics)})
-    return dataclasses.replace(
+    own = dataclasses.replace(
         cfg,
         topics=topics,
         encoder=dataclasses.replace(cfg.encoder, group=f"{cfg.encoder.group}.{tag}", metrics_port=0),
@@ -23,6 +23,12 @@ def tagged(cfg: Any, tag: str) -> Any:
         learner=dataclasses.replace(cfg.learner, metrics_port=0),
         replay=dataclasses.replace(cfg.replay, metrics_port=0),
     )
+    if cfg.security.broker_login:
+        # ACLs name topics and groups literally or by prefix: the new names need their own.
+        from consumers.credentials import apply_acls
+
+        apply_acls(own)
+    return own
 
 
 def stream_messages(ds: Any, split: Any, p1cfg: Any, n: int) -> list[tuple[bytes, bytes, list]]:

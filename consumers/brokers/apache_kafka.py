@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import Any
 
 from consumers.brokers.process import BrokerError, BrokerProcess, free_port
+from consumers.brokers.security import BrokerSecurity
 
 ROOT = Path(__file__).resolve().parents[2]
 POM = ROOT / "deploy" / "kafka" / "pom.xml"
@@ -91,6 +92,9 @@ class ApacheKafkaBroker(BrokerProcess):
     """``with ApacheKafkaBroker() as bootstrap: ...``; ``kill()`` then ``restart()`` for fault tests.
 
     ``properties`` are extra server properties (e.g. ``{"log.cleaner.backoff.ms": "100"}``), applied last.
+    ``security`` secures the node (:mod:`consumers.brokers.security`): the bootstrap address is then its
+    SASL_SSL listener, and its principals exist with their passwords in the credentials folder once
+    :meth:`start` returns.
     """
 
     kind = "kafka"
@@ -106,8 +110,11 @@ class ApacheKafkaBroker(BrokerProcess):
         log_dir: Path | None = None,
         properties: Mapping[str, Any] | None = None,
         home: Path | None = None,
+        security: BrokerSecurity | None = None,
     ) -> None:
         super().__init__(host, port, log_path)
+        self.security = security
+        self._provisioned = False
         self.libs = kafka_libs(home)
         self.properties = {key: str(value) for key, value in (properties or {}).items()}
         # A temporary log directory is made at the first start (and removed on exit), not here.
@@ -136,15 +143,33 @@ class ApacheKafkaBroker(BrokerProcess):
             "advertised.listeners": f"PLAINTEXT://{listener}",
             "controller.quorum.voters": f"1@{controller}",
             "log.dirs": str(log_dir / "data"),
+            **(
+                self.security.server_properties(self.host, self.port, self.controller_port, log_dir)
+                if self.security
+                else {}
+            ),
             **self.properties,
         }
+
+    def ready_client(self) -> dict | None:
+        return None if self.security is None else self.security.internal_client()
+
+    def start(self, timeout: float | None = None) -> str:
+        bootstrap = super().start(timeout)
+        # Users live in the metadata log: a restart on the same log directory keeps them and their passwords.
+        if self.security is not None and not self._provisioned:
+            self.security.provision()
+            self._provisioned = True
+        return bootstrap
 
     def command(self) -> list[str]:
         self.controller_port = self.controller_port or free_port(self.host)
         if self.log_dir is None:
             self.log_dir = Path(tempfile.mkdtemp(prefix="fpocmh-kafka-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        # Private: a secured node's properties hold its broker password.
         props = write_properties(self.log_dir / "server.properties", self.server_properties(self.log_dir))
+        props.chmod(0o600)
         if not (self.log_dir / "data" / "meta.properties").is_file():
             self._format(props)
         return self.java("kafka.Kafka", str(props))

@@ -25,11 +25,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def wait_ready(bootstrap: str, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
-    """Until the port accepts a connection and the cluster metadata lists a broker."""
+def wait_ready(
+    bootstrap: str, timeout: float = 30.0, proc: subprocess.Popen | None = None, client: dict | None = None
+) -> None:
+    """Until the port accepts a connection and the cluster metadata lists a broker (asked with ``client``'s
+    properties, e.g. a login, when given)."""
     from confluent_kafka.admin import AdminClient
 
-    host, _, port = bootstrap.rpartition(":")
+    client = {"bootstrap.servers": bootstrap, **(client or {})}
+    host, _, port = client["bootstrap.servers"].rpartition(":")
     deadline = time.monotonic() + timeout
     admin = None
     while time.monotonic() < deadline:
@@ -38,7 +42,7 @@ def wait_ready(bootstrap: str, timeout: float = 30.0, proc: subprocess.Popen | N
         try:
             with socket.create_connection((host, int(port)), timeout=0.5):
                 pass
-            admin = admin or AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+            admin = admin or AdminClient({**client, "log_level": 0})
             if admin.list_topics(timeout=1).brokers:
                 return
         except OSError:
@@ -71,6 +75,10 @@ class BrokerProcess:
     def command(self) -> list[str]:
         raise NotImplementedError
 
+    def ready_client(self) -> dict | None:
+        """Client properties of the readiness check (None: plaintext on the bootstrap address)."""
+        return None
+
     def start(self, timeout: float | None = None) -> str:
         self.port = self.port or free_port(self.host)
         if self.log_path is None:
@@ -81,7 +89,7 @@ class BrokerProcess:
             # Own session: a Ctrl-C in the terminal reaches us, and we stop the broker last.
             self.proc = subprocess.Popen(argv, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
         try:
-            wait_ready(self.bootstrap, timeout or self.start_timeout_s, self.proc)
+            wait_ready(self.bootstrap, timeout or self.start_timeout_s, self.proc, self.ready_client())
         except BaseException:
             self.stop()
             raise

@@ -41,6 +41,15 @@ def add_broker_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker", choices=BROKER_KINDS, help=f"{BROKER_HELP}; default {BROKER_KINDS[0]}")
 
 
+def add_secure_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--secure",
+        action="store_true",
+        help="secure the local broker (--broker kafka): SASL/SCRAM over TLS, a principal per role with the "
+        "ACLs of security.acls (docs/security.md)",
+    )
+
+
 def broker_kind(args: argparse.Namespace, cfg: PipelineConfig) -> str:
     """``--broker``, or the default; refused next to a configured Kafka, where nothing is started, and
     checked (Java, jars) before the command prepares anything."""
@@ -50,6 +59,11 @@ def broker_kind(args: argparse.Namespace, cfg: PipelineConfig) -> str:
             "drop --broker or the bootstrap servers"
         )
     kind = args.broker or BROKER_KINDS[0]
+    if getattr(args, "secure", False) and (cfg.bootstrap_servers or kind != "kafka"):
+        raise ValueError(
+            "--secure secures the local Apache Kafka it starts: use it with --broker kafka and no bootstrap "
+            "servers (against your own cluster, set security.broker_login and the kafka: TLS properties)"
+        )
     if not cfg.bootstrap_servers:
         # Built, not started: a missing Java or jar is reported now, not after minutes of preparation.
         local_broker(kind)
@@ -57,9 +71,10 @@ def broker_kind(args: argparse.Namespace, cfg: PipelineConfig) -> str:
 
 
 def load_config(args: argparse.Namespace, *extra_sets: str) -> PipelineConfig:
-    from consumers import settings
+    from consumers import credentials, settings
 
-    return settings.load(args.config, [*args.sets, *extra_sets], args.bootstrap)
+    cfg = settings.load(args.config, [*args.sets, *extra_sets], args.bootstrap)
+    return credentials.for_command(cfg, getattr(args, "command", ""))
 
 
 def require_broker(cfg: PipelineConfig, command: str) -> None:

@@ -20,7 +20,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fpocmh.commands.pipeline_args import add_broker_argument, add_pipeline_arguments, broker_kind, load_config
+from fpocmh.commands.pipeline_args import (
+    add_broker_argument,
+    add_pipeline_arguments,
+    add_secure_argument,
+    broker_kind,
+    load_config,
+)
 from fpocmh.commands.replay import add_protocol_arguments, replay_sets
 
 HELP = "run the whole pipeline on P1, P2 or P3 (a local broker unless Kafka is configured) and print a summary"
@@ -31,6 +37,7 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_pipeline_arguments(parser)
     add_broker_argument(parser)
+    add_secure_argument(parser)
     parser.add_argument("--data", help="dataset file or folder (default: $FPOCMH_DATA, ./data, ../shared/data)")
     add_protocol_arguments(parser)
     parser.add_argument("--rate", type=float, help="arrivals per second (default: replay.rate)")
@@ -136,7 +143,9 @@ def stored_codes_map(cfg: Any, ds: Any, query_rows: Any, query_new: Any, metrics
     from fpocmh_core.records import Modality
     from producers.replay import query_groups
 
-    rt = Runtime(cfg, "replay", metrics)
+    # The operator's reading (role audit: the admin principal when secured), not the replay's, which may
+    # only write arrivals.
+    rt = Runtime(cfg, "audit", metrics)
     models = ModelFollower(rt)
     reader = TopicReader(rt, cfg.topics.codes, lambda m: schemas.decode_code(m.value(), m.headers()), 50)
     try:
@@ -181,7 +190,7 @@ def dead_letters_by_reason(cfg: Any, metrics: Any) -> dict[str, int]:
     def reason(msg: Any) -> str:
         return (schemas.header(msg.headers(), schemas.DLQ_REASON) or b"?").decode(errors="replace")
 
-    reader = TopicReader(Runtime(cfg, "replay", metrics), cfg.topics.dead_letters, reason, 50)
+    reader = TopicReader(Runtime(cfg, "audit", metrics), cfg.topics.dead_letters, reason, 50)
     counts: collections.Counter[str] = collections.Counter()
     try:
         while not reader.caught_up():
@@ -251,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = Metrics()
     metrics.serve(cfg.replay.metrics_port)
 
-    with connect(cfg, work, kind) as cfg:
+    with connect(cfg, work, kind, args.secure) as cfg:
         # The run's learner starts from version 0 and keeps only its newest checkpoint (~30 MB each).
         learner = dataclasses.replace(
             cfg.learner, checkpoint_dir=str(work / "learner"), init=str(v0), keep_checkpoints=1

@@ -156,11 +156,25 @@ def format_table(rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> s
     return "\n".join(lines)
 
 
+def commit() -> str:
+    """The checkout's commit (with ``+dirty`` when files differ from it), or "" outside git."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=here, capture_output=True, text=True)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else ""
+
+
 def write_json(path: Path | None, results: list[dict[str, Any]], **extra: Any) -> None:
     if path is None:
         return
     doc = {
         "command": " ".join(["fpocmh", *sys.argv[1:]]) if sys.argv else "",
+        "commit": commit(),
         "machine": machine(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **extra,
