@@ -161,10 +161,19 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True)
+class FeaturesConfig:
+    """The dataset arrays that are the image and the text modality (CrossModalDataset.with_features)."""
+
+    image: str
+    text: str
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     method: str
     bits: int
     delivery: str
+    features: FeaturesConfig
     kafka: Mapping[str, Any]
     topics: Topics
     partitions: Partitions

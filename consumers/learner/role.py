@@ -362,7 +362,7 @@ def bootstrap_state(cfg: PipelineConfig, data: str | None, progress: bool = True
     from fpocmh_core.data import load_dataset
     from fpocmh_core.protocols import P1Config, p1_split
 
-    ds = load_dataset(data)
+    ds = load_dataset(data).with_features(cfg.features.image, cfg.features.text)
     split = p1_split(ds, core_config.load(P1Config, "p1"))
     return train_version_zero(cfg, ds, split.offline, progress)
 

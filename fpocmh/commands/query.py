@@ -109,7 +109,12 @@ def run(args: argparse.Namespace) -> int:
     if args.image_row is not None or args.text_row is not None or args.text is not None:
         from fpocmh_core.data import load_dataset
 
-        ds = load_dataset(args.data)
+        ds = load_dataset(args.data).with_features(cfg.features.image, cfg.features.text)
+        if args.text is not None and cfg.features.text != "txt_feat":
+            raise ValueError(
+                f"--text builds a bag of tags, but the text modality is {cfg.features.text!r}: "
+                "query with --text-row N instead"
+            )
         vocab, tags = tag_vocabulary(args.data)
     modality = Modality.parse(args.modality)
     if args.image_row is not None:

@@ -26,6 +26,14 @@ def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
         "labelled arrivals; p3: new labels arriving late in a partial-modal stream (config/<protocol>.yaml; "
         "any key also from FPOCMH_<PROTOCOL>__<KEY>, e.g. FPOCMH_P3__NEW_CHUNKS=3)",
     )
+    parser.add_argument(
+        "--text-feature",
+        metavar="KEY",
+        help="the dataset's array to use as text (default: features.text, txt_feat; e.g. txt_minilm)",
+    )
+    parser.add_argument(
+        "--image-feature", metavar="KEY", help="the dataset's array to use as image (default: features.image)"
+    )
     parser.add_argument("--unimodal-share", type=float, help="p1/p3: share of pairs split into two unimodal items")
     parser.add_argument("--label-share", type=float, help="p1/p3: share of stream items that carry their labels")
     parser.add_argument(
@@ -37,8 +45,13 @@ def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def replay_sets(args: argparse.Namespace) -> list[str]:
-    """``--rate`` and ``--bad-share`` as config overrides."""
-    flags = (("replay.rate", args.rate), ("replay.bad_share", args.bad_share))
+    """``--rate``, ``--bad-share`` and the feature keys as config overrides."""
+    flags = (
+        ("replay.rate", args.rate),
+        ("replay.bad_share", args.bad_share),
+        ("features.image", args.image_feature),
+        ("features.text", args.text_feature),
+    )
     return [f"{key}={value}" for key, value in flags if value is not None]
 
 
@@ -84,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     sets = ["replay.offline=false"] if args.no_offline else []
     cfg = load_config(args, *replay_sets(args), *sets)
     require_broker(cfg, "fpocmh replay")
-    ds = load_dataset(args.data)
+    ds = load_dataset(args.data).with_features(cfg.features.image, cfg.features.text)
     stream = load_protocol(args, ds)
     metrics, stop = role_setup(cfg, cfg.replay.metrics_port)
     client = QueryClient(cfg, metrics=metrics, stop=stop) if args.score else None

@@ -250,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
     wall = time.monotonic()
     cfg = load_config(args, *replay_sets(args))
     kind = broker_kind(args, cfg)
-    ds = load_dataset(args.data)
+    ds = load_dataset(args.data).with_features(cfg.features.image, cfg.features.text)
     stream = load_protocol(args, ds)
     split = stream.split
     v0 = Path(args.init) if args.init else version_zero(cfg, ds, stream)
