@@ -259,12 +259,12 @@ def test_the_lighter_rehearsal_changes_learning_only_after_a_new_category(ds):
     assert not same(), "after it, the lighter rehearsal weight reaches the image network's step"
 
 
-def test_the_rehearsal_weight_halves_while_stored_codes_keep_pace_and_doubles_once_the_model_runs_ahead():
+def test_the_rehearsal_weight_halves_while_stored_codes_keep_pace_and_doubles_once_model_and_codes_part():
     cfg = SelfCheckConfig(
         every=1, items=8, queries=8, band=0.004, min_weight=0.5, max_weight=0.0, min_lr_scale=1.0, since="start"
     )
     weights = RehearsalWeights(cfg, weight=5.0)
-    weights.update({IMG: +0.003, TXT: -0.006})
+    weights.update({IMG: +0.001, TXT: -0.006})
     assert weights.weights == {IMG: 2.5, TXT: 5.0}, "the weight never exceeds the configured one"
     weights.update({IMG: -0.001, TXT: -0.003})
     assert weights.weights == {IMG: 1.25, TXT: 5.0}, "between -band and -band / 2 a weight stays"
@@ -273,6 +273,8 @@ def test_the_rehearsal_weight_halves_while_stored_codes_keep_pace_and_doubles_on
     assert weights.weights == {IMG: 0.5, TXT: 0.5}
     weights.update({IMG: -0.01, TXT: -0.002})
     assert weights.weights == {IMG: 1.0, TXT: 0.5}
+    weights.update({IMG: 0.0, TXT: +0.01})
+    assert weights.weights == {IMG: 0.5, TXT: 1.0}, "stored codes retrieving better than a re-hash is parting too"
 
 
 def test_a_network_at_its_maximum_weight_that_still_runs_ahead_learns_slower_and_gets_its_rate_back_first():

@@ -90,10 +90,11 @@ class RehearsalWeights:
     """Each network's stored-code rehearsal weight and learning-rate scale, steered by the drift of the
     codes it wrote.
 
-    Once the model runs ahead of its stored codes by more than ``band`` the network is held tighter: its
+    Once the model and its stored codes part by more than ``band`` either way (mAP over stored codes minus
+    over the same items re-hashed now, ``|gap|``), the network is held tighter: its
     rehearsal weight doubles up to ``max_weight`` (the configured weight when that is unset), then its
-    learning rate halves down to ``min_lr_scale`` of the schedule's. While the stored codes keep pace (drift
-    above ``-band / 2``) it is let go in the reverse order: the learning rate back first, then the weight
+    learning rate halves down to ``min_lr_scale`` of the schedule's. While they agree (``|gap|`` below
+    ``band / 2``) it is let go in the reverse order: the learning rate back first, then the weight
     halved down to ``min_weight``. In between, nothing changes (hysteresis: one noisy check does not flip it).
     """
 
@@ -120,10 +121,12 @@ class RehearsalWeights:
 
     def update(self, gaps: Mapping[Modality, float]) -> None:
         self.gaps = dict(gaps)
+        # Both ways: a model whose re-hash retrieves better (negative) or worse (positive) than the codes
+        # it stored has parted from them; only a model that agrees with its codes may be let go.
         for m, gap in gaps.items():
-            if gap < -self.cfg.band:
+            if abs(gap) > self.cfg.band:
                 self._tighten(m)
-            elif gap > -self.cfg.band / 2:
+            elif abs(gap) < self.cfg.band / 2:
                 self._loosen(m)
 
     def _tighten(self, m: Modality) -> None:
