@@ -323,6 +323,15 @@ def query_latency(
 # ---------------------------------------------------------------------------------------------- run
 
 
+def brokers_of(cfg: Any) -> int:
+    """Brokers in the cluster's metadata: what the topics' replication is chosen from."""
+    from confluent_kafka.admin import AdminClient
+
+    from consumers.kafka import admin_config
+
+    return len(AdminClient(admin_config(cfg)).list_topics(timeout=cfg.broker.connect_timeout_s).brokers)
+
+
 def run(args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry
 
@@ -364,7 +373,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"encoder in-process: {shown(bound['encoder_items_per_s'])}", flush=True)
     print(f"hash network alone, same items: {shown(bound['network_items_per_s'])}", flush=True)
     print(f"MLP alone, image items: {shown(bound['mlp_image_items_per_s'])}", flush=True)
-    with connect(cfg, work, kind) as cfg:
+    with connect(cfg, work, kind, args.brokers) as cfg:
+        brokers = brokers_of(cfg)
+        replication_factor = cfg.replication(brokers)[0]
+        print(f"{brokers} broker(s), topics with {replication_factor} replica(s)", flush=True)
         broker = broker_raw(cfg, messages, metrics, repeats)
         print(f"broker raw produce -> consume: {shown(broker)}", flush=True)
         # At least once here on every broker; the transactional mode gets its own round below.
@@ -387,6 +399,8 @@ def run(args: argparse.Namespace) -> int:
     lower = min(encoder_best, broker_best)
     summary = {
         "broker": broker_name,
+        "brokers": brokers,
+        "replication_factor": replication_factor,
         "bits": cfg.bits,
         "items": len(messages),
         "bytes_per_item": bytes_per_item,

@@ -41,7 +41,6 @@ JIT = "-XX:TieredStopAtLevel=1"
 # (as in docker-compose.yml). Small internal topics start faster; tests and benchmarks add their own.
 BASE_PROPERTIES: dict[str, str] = {
     "process.roles": "broker,controller",
-    "node.id": "1",
     "controller.listener.names": "CONTROLLER",
     "inter.broker.listener.name": "PLAINTEXT",
     "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
@@ -82,6 +81,11 @@ def kafka_libs(home: Path | None = None) -> Path:
     return libs
 
 
+def new_cluster_id() -> str:
+    """A random KRaft cluster id (16 bytes, URL-safe base64, as ``kafka-storage random-uuid`` prints)."""
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
 def write_properties(path: Path, props: Mapping[str, str]) -> Path:
     path.write_text("".join(f"{key}={value}\n" for key, value in props.items()))
     return path
@@ -91,6 +95,9 @@ class ApacheKafkaBroker(BrokerProcess):
     """``with ApacheKafkaBroker() as bootstrap: ...``; ``kill()`` then ``restart()`` for fault tests.
 
     ``properties`` are extra server properties (e.g. ``{"log.cleaner.backoff.ms": "100"}``), applied last.
+    Alone it is node 1 and its own quorum; as a node of a cluster (:mod:`~consumers.brokers.cluster`) it
+    gets its ``node_id``, its ``controller_port``, the quorum's ``voters`` and the ``cluster_id`` every node
+    is formatted with.
     """
 
     kind = "kafka"
@@ -106,6 +113,11 @@ class ApacheKafkaBroker(BrokerProcess):
         log_dir: Path | None = None,
         properties: Mapping[str, Any] | None = None,
         home: Path | None = None,
+        node_id: int = 1,
+        controller_port: int | None = None,
+        voters: str | None = None,
+        cluster_id: str | None = None,
+        heap: str = HEAP,
     ) -> None:
         super().__init__(host, port, log_path)
         self.libs = kafka_libs(home)
@@ -113,12 +125,16 @@ class ApacheKafkaBroker(BrokerProcess):
         # A temporary log directory is made at the first start (and removed on exit), not here.
         self._own_dir = log_dir is None
         self.log_dir = None if log_dir is None else Path(log_dir)
-        self.controller_port: int | None = None
+        self.controller_port = controller_port
+        self.node_id = node_id
+        self.voters = voters
+        self.cluster_id = cluster_id
+        self.heap = heap
 
-    def java(self, main: str, *args: str, heap: str = HEAP) -> list[str]:
+    def java(self, main: str, *args: str, heap: str | None = None) -> list[str]:
         return [
             "java",
-            heap,
+            heap or self.heap,
             JIT,
             "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
@@ -132,9 +148,10 @@ class ApacheKafkaBroker(BrokerProcess):
         listener, controller = f"{self.host}:{self.port}", f"{self.host}:{self.controller_port}"
         return {
             **BASE_PROPERTIES,
+            "node.id": str(self.node_id),
             "listeners": f"PLAINTEXT://{listener},CONTROLLER://{controller}",
             "advertised.listeners": f"PLAINTEXT://{listener}",
-            "controller.quorum.voters": f"1@{controller}",
+            "controller.quorum.voters": self.voters or f"{self.node_id}@{controller}",
             "log.dirs": str(log_dir / "data"),
             **self.properties,
         }
@@ -151,7 +168,7 @@ class ApacheKafkaBroker(BrokerProcess):
 
     def _format(self, props: Path) -> None:
         # One in 64 such ids starts with "-": only the "--cluster-id=" form keeps it from reading as an option.
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = self.cluster_id or new_cluster_id()
         # The storage tool is a short-lived JVM: a small heap.
         argv = self.java(
             "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}", "-c", str(props), heap="-Xmx256m"
