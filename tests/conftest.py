@@ -65,6 +65,9 @@ def pytest_configure(config):
         "markers", "requires_kafka(gap): needs what tansu lacks (a key of conftest.TANSU_GAPS); skipped on tansu"
     )
     config.addinivalue_line("markers", "apache_kafka: starts Apache Kafka brokers of its own (counted as Kafka tests)")
+    config.addinivalue_line(
+        "markers", "kafka_cluster: runs on the three-broker Apache Kafka cluster (once per run, counted on its own)"
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -84,6 +87,9 @@ def broker_of(item) -> str | None:
     return None if callspec is None else callspec.params.get("kafka_bootstrap")
 
 
+# Tests that start brokers of their own, by marker, and the broker their counts go under.
+MARKED_BROKERS = {"apache_kafka": "kafka", "kafka_cluster": "cluster"}
+BROKER_NAMES = {"kafka": "Apache Kafka", "tansu": "tansu", "cluster": "Apache Kafka, 3-broker cluster"}
 _outcomes: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 
 
@@ -91,14 +97,16 @@ _outcomes: dict[str, collections.Counter] = collections.defaultdict(collections.
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    broker = broker_of(item) or ("kafka" if item.get_closest_marker("apache_kafka") else None)
+    broker = broker_of(item) or next(
+        (name for marker, name in MARKED_BROKERS.items() if item.get_closest_marker(marker)), None
+    )
     if broker and (report.when == "call" or report.outcome != "passed"):
         _outcomes[broker][report.outcome] += 1
 
 
 def pytest_terminal_summary(terminalreporter):
     for broker, counts in sorted(_outcomes.items()):
-        name = {"kafka": "Apache Kafka", "tansu": "tansu", "external": EXTERNAL_BROKER}[broker]
+        name = {**BROKER_NAMES, "external": EXTERNAL_BROKER}[broker]
         ran = counts["passed"] + counts["failed"]
         terminalreporter.write_line(
             f"broker tests on {name}: {ran} run ({counts['passed']} passed, {counts['failed']} failed), "
