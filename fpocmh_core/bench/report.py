@@ -142,11 +142,32 @@ def format_table(rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> s
     return "\n".join(lines)
 
 
+def source_commit() -> str | None:
+    """The checkout's commit (with ``-dirty`` when it has uncommitted changes), so a result names its code."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except OSError:
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
 def write_json(path: Path | None, results: list[dict[str, Any]], **extra: Any) -> None:
     if path is None:
         return
     doc = {
         "command": " ".join(["fpocmh", *sys.argv[1:]]) if sys.argv else "",
+        "commit": source_commit(),
         "machine": machine(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **extra,
