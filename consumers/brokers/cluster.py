@@ -65,8 +65,6 @@ class KafkaCluster:
         min_insync_replicas: int = 2,
         heap: str = NODE_HEAP,
     ) -> None:
-        if brokers < 1:
-            raise ValueError(f"a cluster needs at least one broker, got {brokers}")
         if replication_factor > brokers:
             raise ValueError(f"replication factor {replication_factor} on {brokers} broker(s)")
         ids = range(1, brokers + 1)

@@ -19,6 +19,8 @@ def local_broker(
     """A local broker of ``kind`` (one of :data:`BROKER_KINDS`), not started yet; with ``brokers`` > 1 an
     Apache Kafka cluster whose internal topics get ``replication`` (replicas, min in-sync replicas: the
     pipeline config's, :meth:`~consumers.settings.PipelineConfig.replication`)."""
+    if brokers < 1:
+        raise ValueError(f"--brokers {brokers}: a local broker has at least one node")
     if brokers > 1:
         if kind != "kafka":
             raise ValueError(f"--brokers {brokers}: only the kafka kind runs as a cluster, not {kind}")
