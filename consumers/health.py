@@ -58,6 +58,9 @@ class BrokerHealth:
         self.errors: Any | None = None
         self.down_since: float | None = None
         self.outages = 0
+        # Every broker id the cluster's metadata has listed, and those it no longer lists.
+        self.known: set[int] = set()
+        self.missing: set[int] = set()
         self._lock = threading.Lock()
         self._set_gauge(1)
 
@@ -107,6 +110,24 @@ class BrokerHealth:
         if since is not None:
             self._set_gauge(1)
             log.warning("%s: broker at %s is back after %.1f s", self.role, self.bootstrap, time.monotonic() - since)
+
+    def brokers_listed(self, ids: set[int]) -> None:
+        """The brokers a metadata answer listed: one line when some of the cluster's go missing, one when all
+        are back. Not a loss of the broker: on a replicated cluster the role carries on without them."""
+        with self._lock:
+            self.known |= ids
+            missing, gone, returned = self.known - ids, (self.known - ids) - self.missing, self.missing & ids
+            self.missing = missing
+        if gone:
+            log.warning(
+                "%s: broker(s) %s gone from the cluster's metadata (%d of %d listed); carrying on with the rest",
+                self.role,
+                sorted(gone),
+                len(ids),
+                len(self.known),
+            )
+        if returned and not missing:
+            log.warning("%s: all %d brokers are back in the cluster's metadata", self.role, len(self.known))
 
     @property
     def is_up(self) -> bool:

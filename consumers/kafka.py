@@ -51,6 +51,9 @@ def producer_config(cfg: PipelineConfig, role: str, **props: Any) -> dict[str, A
         "message.max.bytes": cfg.message_max_bytes,
         # Roles look at failures only; per-message success callbacks cost a Python call each.
         "delivery.report.only.error": True,
+        # A write counts once min_insync_replicas replicas hold it (librdkafka's default, said because the
+        # cluster's guarantees rest on it: a leader lost right after acknowledging loses nothing).
+        "acks": "all",
         # Never give up on a message while the broker is away: the batch stays uncommitted meanwhile, and
         # broker.loss_timeout_s, not the client, decides when a role stops waiting.
         "message.timeout.ms": 0,
@@ -171,13 +174,15 @@ def ensure_topics(cfg: PipelineConfig, timeout: float = 30.0) -> list[str]:
     """Create the pipeline's topics that don't exist yet; returns the names created."""
     require_broker_reachable(cfg)
     admin = AdminClient(admin_config(cfg))
-    existing = set(admin.list_topics(timeout=timeout).topics)
+    meta = admin.list_topics(timeout=timeout)
+    existing = set(meta.topics)
+    factor, in_sync = cfg.replication(len(meta.brokers))
     new = [
         NewTopic(
             getattr(cfg.topics, name),
             num_partitions=getattr(cfg.partitions, name),
-            replication_factor=cfg.replication_factor,
-            config=topic_properties(cfg, name),
+            replication_factor=factor,
+            config={"min.insync.replicas": str(in_sync), **topic_properties(cfg, name)},
         )
         for name in TOPIC_NAMES
         if getattr(cfg.topics, name) not in existing
@@ -243,18 +248,25 @@ def assign_all(consumer: Consumer, topic: str, offset: int) -> list[TopicPartiti
 
 @contextlib.contextmanager
 def connect(
-    cfg: PipelineConfig, log_dir: Path | None = None, kind: str = BROKER_KINDS[0], secure: bool = False
+    cfg: PipelineConfig,
+    log_dir: Path | None = None,
+    kind: str = BROKER_KINDS[0],
+    brokers: int = 1,
+    secure: bool = False,
 ) -> Iterator[PipelineConfig]:
-    """``cfg`` as it is when Kafka is configured; otherwise with a local broker of ``kind`` for the block
-    (``secure``: secured, with a principal per role and the ACLs of ``security.acls``)."""
+    """``cfg`` as it is when Kafka is configured; otherwise with a local broker of ``kind`` (``brokers`` of
+    them, replicated as the config says) for the block (``secure``: one secured node, with a principal per
+    role and the ACLs of ``security.acls``)."""
     if cfg.bootstrap_servers:
         yield cfg
         return
     log_path = None if log_dir is None else log_dir / f"{kind}.log"
     if secure:
+        if brokers != 1:
+            raise ValueError("--secure starts one secured node; run a secured cluster of your own for more")
         with credentials.secured_broker(cfg, kind, log_dir, log_path=log_path) as secured:
             yield secured
         return
-    with local_broker(kind, log_path=log_path) as bootstrap:
+    with local_broker(kind, brokers, cfg.replication(brokers), log_path=log_path) as bootstrap:
         log.info("no Kafka configured: started a local %s broker on %s", kind, bootstrap)
         yield cfg.with_bootstrap(bootstrap)

@@ -68,6 +68,13 @@ class Metrics:
             ["role", "kind"],
             registry=registry,
         )
+        self.brokers = Gauge(
+            "fpocmh_brokers",
+            "Brokers the cluster's metadata lists, as the role last asked (a lost broker drops out once the "
+            "controller fences it, while the role's topics carry on on their other replicas)",
+            ["role"],
+            registry=registry,
+        )
         self.topic_resets = Counter(
             "fpocmh_topic_resets_total",
             "Input topics found recreated or behind the role's saved offsets (the stream restarted)",

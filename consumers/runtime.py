@@ -50,6 +50,8 @@ from fpocmh_core import schemas
 log = logging.getLogger(__name__)
 
 LAG_EVERY_S = 5.0
+# A lost broker is fenced within seconds (broker.session.timeout.ms); sampling as often shows a short outage.
+BROKERS_EVERY_S = 2.0
 PROBE_EVERY_S = 2.0
 # librdkafka's transaction.timeout.ms default; a transactional producer's messages time out with it.
 TRANSACTION_MESSAGE_TIMEOUT_MS = 60_000
@@ -137,6 +139,7 @@ class Runtime:
         # ones through ``on_commit``, which the consumer must be given). Below it nothing is read again.
         self.committed: dict[tuple[str, int], int] = {}
         self._last_lag: dict[int, float] = {}
+        self._last_brokers = 0.0
 
     # ------------------------------------------------------------------------------------- producing
 
@@ -531,6 +534,7 @@ class Runtime:
                 if interval is not None and (due := interval.take()):
                     consumer.commit(offsets=due, asynchronous=True)
                 self.update_lag(consumer)
+                self.watch_brokers()
             if pending:
                 self._finish(consumer, handler, pending, commit=True)
             if interval is not None:
@@ -544,6 +548,20 @@ class Runtime:
                     self.producer.flush(self.cfg.flush_timeout_s)
             finally:
                 consumer.close()
+
+    def watch_brokers(self) -> None:
+        """Every few seconds, the brokers the metadata lists (``fpocmh_brokers``, a line when one goes or all
+        are back): on a replicated cluster a lost broker stops nothing, so nothing else would show it."""
+        now = time.monotonic()
+        if not self.health.is_up or now - self._last_brokers < BROKERS_EVERY_S:
+            return
+        self._last_brokers = now
+        try:
+            ids = set(self.producer.list_topics(self.cfg.topics.codes, timeout=1.0).brokers)
+        except KafkaException:
+            return  # no answer: the outage is the health's to report
+        self.metrics.brokers.labels(self.role).set(len(ids))
+        self.health.brokers_listed(ids)
 
     def update_lag(self, consumer: Consumer) -> None:
         """Per partition: the high watermark the last fetch reported minus our position.

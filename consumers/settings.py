@@ -179,6 +179,7 @@ class PipelineConfig:
     partitions: Partitions
     topic_config: TopicConfig
     replication_factor: int
+    min_insync_replicas: int
     session_timeout_ms: int
     heartbeat_interval_ms: int
     max_poll_interval_ms: int
@@ -221,6 +222,13 @@ class PipelineConfig:
             raise config.ConfigError(
                 f"pipeline: query.missing_shards is error or partial, not {self.query.missing_shards!r}"
             )
+        if self.replication_factor < 0 or self.min_insync_replicas < 0:
+            raise config.ConfigError("pipeline: replication_factor and min_insync_replicas must be >= 0 (0: auto)")
+        if self.replication_factor and self.min_insync_replicas > self.replication_factor:
+            raise config.ConfigError(
+                f"pipeline: min_insync_replicas {self.min_insync_replicas} exceeds replication_factor "
+                f"{self.replication_factor}: every acks=all write would be refused"
+            )
         owned = sorted(set(self.kafka) & set(OWNED_PROPERTIES))
         if owned:
             raise config.ConfigError(f"pipeline: kafka: {owned} are set by the roles and can't be overridden")
@@ -229,6 +237,16 @@ class PipelineConfig:
     def bootstrap_servers(self) -> str:
         """Empty when no Kafka is configured: the commands then start the embedded broker."""
         return str(self.kafka.get("bootstrap.servers", ""))
+
+    def replication(self, brokers: int) -> tuple[int, int]:
+        """(replicas, min in-sync replicas) of the pipeline's topics on a cluster of ``brokers``. 0 in the config
+        means: as many replicas as brokers, at most 3, and one fewer in sync (at least 1), so one broker may
+        go without losing an acknowledged write or stopping a producer."""
+        factor = self.replication_factor or min(3, max(1, brokers))
+        in_sync = self.min_insync_replicas or max(1, factor - 1)
+        if in_sync > factor:
+            raise config.ConfigError(f"pipeline: min_insync_replicas {in_sync} exceeds {factor} replicas")
+        return factor, in_sync
 
     def model_key(self, environ: Mapping[str, str] | None = None) -> bytes | None:
         """The model-update HMAC key: ``$FPOCMH_MODEL_KEY``, else the file named by ``$FPOCMH_MODEL_KEY_FILE``

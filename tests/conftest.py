@@ -68,6 +68,9 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "secure_kafka: runs against the secured Apache Kafka (counted apart from the per-broker tests)"
     )
+    config.addinivalue_line(
+        "markers", "kafka_cluster: runs on the three-broker Apache Kafka cluster (once per run, counted on its own)"
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -87,8 +90,14 @@ def broker_of(item) -> str | None:
     return None if callspec is None else callspec.params.get("kafka_bootstrap")
 
 
-# Tests with a broker of their own, by marker, and the count they go to.
-BROKER_MARKERS = {"secure_kafka": "secure", "apache_kafka": "kafka"}
+# Tests that start brokers of their own, by marker, and the broker their counts go under.
+MARKED_BROKERS = {"secure_kafka": "secure", "apache_kafka": "kafka", "kafka_cluster": "cluster"}
+BROKER_NAMES = {
+    "kafka": "Apache Kafka",
+    "tansu": "tansu",
+    "secure": "Apache Kafka, secured (SASL_SSL, ACLs)",
+    "cluster": "Apache Kafka, 3-broker cluster",
+}
 _outcomes: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 
 
@@ -97,7 +106,7 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     broker = broker_of(item) or next(
-        (name for marker, name in BROKER_MARKERS.items() if item.get_closest_marker(marker)), None
+        (name for marker, name in MARKED_BROKERS.items() if item.get_closest_marker(marker)), None
     )
     if broker and (report.when == "call" or report.outcome != "passed"):
         _outcomes[broker][report.outcome] += 1
@@ -105,12 +114,7 @@ def pytest_runtest_makereport(item, call):
 
 def pytest_terminal_summary(terminalreporter):
     for broker, counts in sorted(_outcomes.items()):
-        name = {
-            "kafka": "Apache Kafka",
-            "tansu": "tansu",
-            "secure": "Apache Kafka, secured (SASL_SSL, ACLs)",
-            "external": EXTERNAL_BROKER,
-        }[broker]
+        name = {**BROKER_NAMES, "external": EXTERNAL_BROKER}[broker]
         ran = counts["passed"] + counts["failed"]
         terminalreporter.write_line(
             f"broker tests on {name}: {ran} run ({counts['passed']} passed, {counts['failed']} failed), "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import threading
 import time
@@ -15,9 +16,10 @@ from confluent_kafka import OFFSET_BEGINNING, Message, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from consumers import settings
-from consumers.kafka import TOPIC_NAMES, assign_all, ensure_topics, make_consumer, partitions_of
+from consumers.kafka import TOPIC_NAMES, assign_all, ensure_topics, make_consumer, make_producer, partitions_of
 from consumers.metrics import Metrics
 from consumers.models import publish_model
+from consumers.query.client import QueryClient
 from consumers.runtime import Runtime
 from consumers.settings import PipelineConfig
 from fpocmh_core import schemas
@@ -222,3 +224,64 @@ class RoleThread:
 
 def paired_items(ds_image: np.ndarray, ds_text: np.ndarray, rows: Sequence[int], chunk: int = 0) -> list[ItemRecord]:
     return [ItemRecord(int(r), ds_image[r], ds_text[r], None, chunk) for r in rows]
+
+
+def keys_of(records) -> set[bytes]:
+    return {schemas.code_key(r.item_id, m) for r in records for m in r.modalities}
+
+
+def conflicting(codes: list[schemas.CodeMessage]) -> list[bytes]:
+    """Keys that carry two different codes."""
+    seen: dict[bytes, set[bytes]] = collections.defaultdict(set)
+    for c in codes:
+        seen[c.key].add(c.code.tobytes())
+    return [key for key, distinct in seen.items() if len(distinct) > 1]
+
+
+def serving(client: QueryClient) -> bool:
+    try:
+        return client.status(timeout_s=2).status == "ok"
+    except TimeoutError:
+        return False
+
+
+class Replayer(threading.Thread):
+    """Produces arrivals at ``rate`` items/s and remembers which ones the broker acknowledged; ``props``
+    are producer properties on top of the replay's."""
+
+    def __init__(self, cfg, records, rate: float, **props: Any) -> None:
+        super().__init__(daemon=True)
+        self.cfg = cfg
+        self.records = records
+        self.rate = rate
+        self.acked: set[int] = set()
+        self.failed = 0
+        self.sent = 0
+        self.producer = make_producer(cfg, "replay", **{"delivery.report.only.error": False, "acks": "all", **props})
+
+    def _report(self, err, msg) -> None:
+        if err is None:
+            self.acked.add(int(msg.key()))
+        else:
+            self.failed += 1
+
+    def run(self) -> None:
+        start = time.monotonic()
+        for i, record in enumerate(self.records):
+            value, headers = schemas.encode_arrival(record)
+            while True:
+                try:
+                    self.producer.produce(
+                        self.cfg.topics.arrivals,
+                        value,
+                        str(record.item_id).encode(),
+                        headers=headers,
+                        on_delivery=self._report,
+                    )
+                    break
+                except BufferError:
+                    self.producer.poll(0.05)
+            self.sent = i + 1
+            self.producer.poll(0)
+            time.sleep(max(0.0, start + (i + 1) / self.rate - time.monotonic()))
+        self.producer.flush(120)

@@ -8,17 +8,19 @@ fault, at-least-once) is harmless, since every store keeps one record per key.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import threading
 import time
 
 import pytest
 from pipeline_support import (
+    Replayer,
     RoleThread,
     codes_of,
+    conflicting,
     fresh_metrics,
     isolated_config,
+    keys_of,
     model_state,
     paired_items,
     produce_arrivals,
@@ -26,13 +28,13 @@ from pipeline_support import (
     read_all,
     read_codes_until,
     read_topic,
+    serving,
     wait_until,
 )
 
 from consumers import settings
 from consumers.brokers.apache_kafka import ApacheKafkaBroker
 from consumers.encoder.role import run_encoder
-from consumers.kafka import make_producer
 from consumers.models import ModelFollower
 from consumers.processes import RoleProcess
 from consumers.query.role import CodeStore, QueryClient
@@ -47,18 +49,6 @@ pytestmark = pytest.mark.broker
 FAST_COMPACTION = (
     "{segment.ms: 100, min.cleanable.dirty.ratio: 0.01, delete.retention.ms: 100, min.compaction.lag.ms: 0}"
 )
-
-
-def keys_of(records) -> set[bytes]:
-    return {schemas.code_key(r.item_id, m) for r in records for m in r.modalities}
-
-
-def conflicting(codes: list[schemas.CodeMessage]) -> list[bytes]:
-    """Keys that carry two different codes."""
-    seen: dict[bytes, set[bytes]] = collections.defaultdict(set)
-    for c in codes:
-        seen[c.key].add(c.code.tobytes())
-    return [key for key, distinct in seen.items() if len(distinct) > 1]
 
 
 def topic_when(cfg, topic: str, done, what: str, timeout_s: float = 60.0) -> list:
@@ -124,54 +114,6 @@ def test_compaction_keeps_one_record_per_code_and_model_part_and_a_rebuilt_store
     finally:
         follower.close()
     assert newest is not None and newest.version == 2, "a reader started after compaction gets the newest version"
-
-
-def serving(client: QueryClient) -> bool:
-    try:
-        return client.status(timeout_s=2).status == "ok"
-    except TimeoutError:
-        return False
-
-
-class Replayer(threading.Thread):
-    """Produces arrivals at ``rate`` items/s and remembers which ones the broker acknowledged."""
-
-    def __init__(self, cfg, records, rate: float) -> None:
-        super().__init__(daemon=True)
-        self.cfg = cfg
-        self.records = records
-        self.rate = rate
-        self.acked: set[int] = set()
-        self.failed = 0
-        self.sent = 0
-        self.producer = make_producer(cfg, "replay", **{"delivery.report.only.error": False, "acks": "all"})
-
-    def _report(self, err, msg) -> None:
-        if err is None:
-            self.acked.add(int(msg.key()))
-        else:
-            self.failed += 1
-
-    def run(self) -> None:
-        start = time.monotonic()
-        for i, record in enumerate(self.records):
-            value, headers = schemas.encode_arrival(record)
-            while True:
-                try:
-                    self.producer.produce(
-                        self.cfg.topics.arrivals,
-                        value,
-                        str(record.item_id).encode(),
-                        headers=headers,
-                        on_delivery=self._report,
-                    )
-                    break
-                except BufferError:
-                    self.producer.poll(0.05)
-            self.sent = i + 1
-            self.producer.poll(0)
-            time.sleep(max(0.0, start + (i + 1) / self.rate - time.monotonic()))
-        self.producer.flush(120)
 
 
 @pytest.mark.apache_kafka

@@ -325,6 +325,15 @@ def query_latency(
 # ---------------------------------------------------------------------------------------------- run
 
 
+def brokers_of(cfg: Any) -> int:
+    """Brokers in the cluster's metadata: what the topics' replication is chosen from."""
+    from confluent_kafka.admin import AdminClient
+
+    from consumers.kafka import admin_config
+
+    return len(AdminClient(admin_config(cfg)).list_topics(timeout=cfg.broker.connect_timeout_s).brokers)
+
+
 def run(args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry
 
@@ -366,7 +375,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"encoder in-process: {shown(bound['encoder_items_per_s'])}", flush=True)
     print(f"hash network alone, same items: {shown(bound['network_items_per_s'])}", flush=True)
     print(f"MLP alone, image items: {shown(bound['mlp_image_items_per_s'])}", flush=True)
-    with connect(cfg, work, kind, args.secure) as cfg:
+    with connect(cfg, work, kind, brokers=args.brokers, secure=args.secure) as cfg:
+        brokers = brokers_of(cfg)
+        replication_factor = cfg.replication(brokers)[0]
+        print(f"{brokers} broker(s), topics with {replication_factor} replica(s)", flush=True)
         broker = broker_raw(cfg, messages, metrics, repeats)
         print(f"broker raw produce -> consume: {shown(broker)}", flush=True)
         # At least once here on every broker; the transactional mode gets its own round below.
@@ -390,6 +402,8 @@ def run(args: argparse.Namespace) -> int:
     summary = {
         "broker": broker_name,
         "secure": args.secure,
+        "brokers": brokers,
+        "replication_factor": replication_factor,
         "bits": cfg.bits,
         "items": len(messages),
         "bytes_per_item": bytes_per_item,

@@ -363,7 +363,7 @@ def run(args: argparse.Namespace) -> int:
     sizes = [int(s) for s in sorted(args.sizes)]
     summary: dict[str, Any] = {"broker": "external" if cfg.bootstrap_servers else kind, "bits": cfg.bits, "sizes": {}}
     rounds: list[dict[str, Any]] = []
-    with connect(cfg, work, kind) as cfg:
+    with connect(cfg, work, kind, args.brokers) as cfg:
         # Side by side where idle readers cost the broker little (long polls); tansu holds every empty
         # fetch for its 2 ms wait, and seven idle shard processes saturate it.
         tansu = is_tansu(cfg)

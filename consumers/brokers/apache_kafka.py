@@ -42,7 +42,6 @@ JIT = "-XX:TieredStopAtLevel=1"
 # (as in docker-compose.yml). Small internal topics start faster; tests and benchmarks add their own.
 BASE_PROPERTIES: dict[str, str] = {
     "process.roles": "broker,controller",
-    "node.id": "1",
     "controller.listener.names": "CONTROLLER",
     "inter.broker.listener.name": "PLAINTEXT",
     "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
@@ -83,6 +82,11 @@ def kafka_libs(home: Path | None = None) -> Path:
     return libs
 
 
+def new_cluster_id() -> str:
+    """A random KRaft cluster id (16 bytes, URL-safe base64, as ``kafka-storage random-uuid`` prints)."""
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
 def write_properties(path: Path, props: Mapping[str, str]) -> Path:
     path.write_text("".join(f"{key}={value}\n" for key, value in props.items()))
     return path
@@ -95,6 +99,9 @@ class ApacheKafkaBroker(BrokerProcess):
     ``security`` secures the node (:mod:`consumers.brokers.security`): the bootstrap address is then its
     SASL_SSL listener, and its principals exist with their passwords in the credentials folder once
     :meth:`start` returns.
+    Alone it is node 1 and its own quorum; as a node of a cluster (:mod:`~consumers.brokers.cluster`) it
+    gets its ``node_id``, its ``controller_port``, the quorum's ``voters`` and the ``cluster_id`` every node
+    is formatted with.
     """
 
     kind = "kafka"
@@ -111,6 +118,11 @@ class ApacheKafkaBroker(BrokerProcess):
         properties: Mapping[str, Any] | None = None,
         home: Path | None = None,
         security: BrokerSecurity | None = None,
+        node_id: int = 1,
+        controller_port: int | None = None,
+        voters: str | None = None,
+        cluster_id: str | None = None,
+        heap: str = HEAP,
     ) -> None:
         super().__init__(host, port, log_path)
         self.security = security
@@ -120,12 +132,16 @@ class ApacheKafkaBroker(BrokerProcess):
         # A temporary log directory is made at the first start (and removed on exit), not here.
         self._own_dir = log_dir is None
         self.log_dir = None if log_dir is None else Path(log_dir)
-        self.controller_port: int | None = None
+        self.controller_port = controller_port
+        self.node_id = node_id
+        self.voters = voters
+        self.cluster_id = cluster_id
+        self.heap = heap
 
-    def java(self, main: str, *args: str, heap: str = HEAP) -> list[str]:
+    def java(self, main: str, *args: str, heap: str | None = None) -> list[str]:
         return [
             "java",
-            heap,
+            heap or self.heap,
             # TLS wants the server JIT: AES-GCM's and GHASH's intrinsics are C2's, and with the client JIT
             # alone a secured node moved a third of a plaintext one's ingest (docs/security.md).
             *([] if self.security else [JIT]),
@@ -141,9 +157,10 @@ class ApacheKafkaBroker(BrokerProcess):
         listener, controller = f"{self.host}:{self.port}", f"{self.host}:{self.controller_port}"
         return {
             **BASE_PROPERTIES,
+            "node.id": str(self.node_id),
             "listeners": f"PLAINTEXT://{listener},CONTROLLER://{controller}",
             "advertised.listeners": f"PLAINTEXT://{listener}",
-            "controller.quorum.voters": f"1@{controller}",
+            "controller.quorum.voters": self.voters or f"{self.node_id}@{controller}",
             "log.dirs": str(log_dir / "data"),
             **(
                 self.security.server_properties(self.host, self.port, self.controller_port, log_dir)
@@ -178,7 +195,7 @@ class ApacheKafkaBroker(BrokerProcess):
 
     def _format(self, props: Path) -> None:
         # One in 64 such ids starts with "-": only the "--cluster-id=" form keeps it from reading as an option.
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = self.cluster_id or new_cluster_id()
         # The storage tool is a short-lived JVM: a small heap.
         argv = self.java(
             "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}", "-c", str(props), heap="-Xmx256m"

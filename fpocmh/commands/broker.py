@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from consumers.brokers.launch import BROKER_KINDS
-from fpocmh.commands.pipeline_args import BROKER_HELP, add_pipeline_arguments, add_secure_argument
+from fpocmh.commands.pipeline_args import BROKER_HELP, BROKERS_HELP, add_pipeline_arguments, add_secure_argument
 
 if TYPE_CHECKING:
     from consumers.brokers.process import BrokerProcess
@@ -21,7 +21,8 @@ HELP = "run a local broker (tansu in memory, or Apache Kafka) until Ctrl-C"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kind", choices=BROKER_KINDS, default=BROKER_KINDS[0], help=BROKER_HELP)
     parser.add_argument("--host", default="127.0.0.1", help="listen address")
-    parser.add_argument("--port", type=int, default=0, help="port (0: a free one)")
+    parser.add_argument("--port", type=int, default=0, help="port (0: a free one; of the first node of a cluster)")
+    parser.add_argument("--brokers", type=int, default=1, metavar="N", help=BROKERS_HELP)
     add_secure_argument(parser)
     parser.add_argument(
         "--secrets-dir",
@@ -29,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=Path("runs/broker-secure"),
         help="with --secure: where the CA, the principals' password files and client.yaml go",
     )
-    # --secure reads the topics, groups, principals and ACL table from the pipeline config.
+    # The replication of a cluster and, with --secure, the topics, groups, principals and ACL table come
+    # from the pipeline config.
     add_pipeline_arguments(parser)
 
 
@@ -40,8 +42,14 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     install_signal_handlers(stop)
     if args.secure:
+        if args.brokers != 1:
+            raise ValueError("--secure starts one secured node; run a secured cluster of your own for more")
         return _secured(args, stop)
-    broker = local_broker(args.kind, host=args.host, port=args.port or None)
+    # A cluster's internal topics are replicated as the pipeline's own will be.
+    from fpocmh.commands.pipeline_args import load_config
+
+    replication = load_config(args).replication(args.brokers)
+    broker = local_broker(args.kind, args.brokers, replication, host=args.host, port=args.port or None)
     with broker as bootstrap:
         print(f"broker ready: --bootstrap {bootstrap}   (or FPOCMH_KAFKA_BOOTSTRAP_SERVERS={bootstrap})", flush=True)
         return _until_stopped(args, broker, stop)

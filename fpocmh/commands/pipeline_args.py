@@ -37,8 +37,15 @@ BROKER_HELP = (
 )
 
 
+BROKERS_HELP = (
+    "nodes of the local Apache Kafka (default 1); more make a KRaft cluster whose topics are replicated "
+    "as replication_factor and min_insync_replicas say (docs/cluster.md)"
+)
+
+
 def add_broker_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker", choices=BROKER_KINDS, help=f"{BROKER_HELP}; default {BROKER_KINDS[0]}")
+    parser.add_argument("--brokers", type=int, default=1, metavar="N", help=BROKERS_HELP)
 
 
 def add_secure_argument(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +65,8 @@ def broker_kind(args: argparse.Namespace, cfg: PipelineConfig) -> str:
             f"--broker {args.broker} starts a local broker, but Kafka is configured ({cfg.bootstrap_servers}): "
             "drop --broker or the bootstrap servers"
         )
+    if args.brokers != 1 and cfg.bootstrap_servers:
+        raise ValueError(f"--brokers {args.brokers} starts a local cluster, but Kafka is configured: drop one")
     kind = args.broker or BROKER_KINDS[0]
     if getattr(args, "secure", False) and (cfg.bootstrap_servers or kind != "kafka"):
         raise ValueError(
@@ -66,7 +75,7 @@ def broker_kind(args: argparse.Namespace, cfg: PipelineConfig) -> str:
         )
     if not cfg.bootstrap_servers:
         # Built, not started: a missing Java or jar is reported now, not after minutes of preparation.
-        local_broker(kind)
+        local_broker(kind, args.brokers, cfg.replication(args.brokers))
     return kind
 
 

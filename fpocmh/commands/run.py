@@ -260,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = Metrics()
     metrics.serve(cfg.replay.metrics_port)
 
-    with connect(cfg, work, kind, args.secure) as cfg:
+    with connect(cfg, work, kind, brokers=args.brokers, secure=args.secure) as cfg:
         # The run's learner starts from version 0 and keeps only its newest checkpoint (~30 MB each).
         learner = dataclasses.replace(
             cfg.learner, checkpoint_dir=str(work / "learner"), init=str(v0), keep_checkpoints=1
