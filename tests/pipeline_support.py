@@ -285,3 +285,13 @@ class Replayer(threading.Thread):
             self.producer.poll(0)
             time.sleep(max(0.0, start + (i + 1) / self.rate - time.monotonic()))
         self.producer.flush(120)
+
+
+def wait_for_store(cfg: PipelineConfig, keys: int, timeout_s: float = 60.0) -> None:
+    """Until the query tier's stores hold at least ``keys`` codes (every shard's status summed)."""
+    with QueryClient(cfg) as client:
+        wait_until(
+            lambda: sum(client.status(timeout_s=5).store_codes) >= keys,
+            timeout_s=timeout_s,
+            what="the query store holding every acknowledged arrival's codes",
+        )

@@ -30,6 +30,7 @@ from pipeline_support import (
     read_codes_until,
     read_topic,
     serving,
+    wait_for_store,
     wait_until,
 )
 
@@ -131,12 +132,7 @@ def test_every_acknowledged_arrival_is_coded_once_when_the_codes_leader_is_kille
         stored = read_codes_until(cfg, keys_of(records), timeout_s=120)
         for role in roles:
             role.check_alive()
-        with QueryClient(cfg) as client:
-            wait_until(
-                lambda: sum(client.status(timeout_s=5).store_codes) >= len(keys_of(records)),
-                timeout_s=60,
-                what="the query store holding every acknowledged arrival's codes",
-            )
+        wait_for_store(cfg, len(keys_of(records)))
         # The roles saw the leader go and come back, and said so.
         wait_until(lambda: "all 3 brokers are back" in (tmp_path / "encode.log").read_text(), 30, "the return logged")
     finally:

@@ -29,6 +29,7 @@ from pipeline_support import (
     read_codes_until,
     read_topic,
     serving,
+    wait_for_store,
     wait_until,
 )
 
@@ -145,12 +146,7 @@ def test_the_broker_killed_and_restarted_mid_replay_loses_no_acknowledged_arriva
             stored = read_codes_until(cfg, keys_of(acked), timeout_s=120)
             for role in roles:
                 role.check_alive()
-            with QueryClient(cfg) as client:
-                wait_until(
-                    lambda: sum(client.status(timeout_s=5).store_codes) >= len(keys_of(acked)),
-                    timeout_s=60,
-                    what="the query store holding every acknowledged arrival's codes",
-                )
+            wait_for_store(cfg, len(keys_of(acked)))
         finally:
             exits = [role.stop() for role in roles]
     assert conflicting(stored) == []
