@@ -309,25 +309,27 @@ def test_the_self_check_sees_stored_codes_fall_behind_in_the_modality_whose_code
     assert after[IMG] == pytest.approx(before[IMG]), "the image codes did not change"
 
 
-def test_by_default_the_self_check_steers_from_the_first_arrivals_of_a_stream_without_new_categories(ds):
+def test_since_start_the_self_check_guards_from_the_first_arrivals_of_a_stream_without_new_categories(ds):
     has3 = ds.labels[:, 3] == 1
-    check = {"code_rehearsal.self_check.every": 8, "code_rehearsal.self_check.items": 64}
+    check = {
+        "code_rehearsal.self_check.every": 8,
+        "code_rehearsal.self_check.items": 64,
+        "code_rehearsal.self_check.since": "start",
+    }
     learner = make_learner(ds, OFFLINE[~has3[OFFLINE]], mu=2, learner_codes_block=4, **check)
     learner.learn(unimodal_stream(ds, [int(r) for r in STREAM if not has3[r]][:24]))
     assert not learner.bank.has_new_category
     measured = learner.rehearsal
     assert set(measured) == {IMG, TXT}, "measured on both networks with no new category"
-    assert all(np.isfinite(gap) and weight > 0 and 0 < scale <= 1 for gap, weight, scale in measured.values())
+    assert all(np.isfinite(gap) and 0 < scale <= 1 for gap, _, scale in measured.values())
+    configured = learner.cfg.code_rehearsal.weight
+    assert all(weight >= configured for _, weight, _ in measured.values()), "before one, it only holds tighter"
 
 
-def test_the_self_check_since_a_new_category_steers_only_after_one_and_survives_a_restart(ds):
+def test_by_default_the_self_check_steers_only_after_a_new_category_and_survives_a_restart(ds):
     has3 = ds.labels[:, 3] == 1
     # A band this wide counts any drift as keeping pace, so every check halves the weights.
-    check = {
-        "code_rehearsal.self_check.every": 8,
-        "code_rehearsal.self_check.items": 64,
-        "code_rehearsal.self_check.since": "new_category",
-    }
+    check = {"code_rehearsal.self_check.every": 8, "code_rehearsal.self_check.items": 64}
     learners = [
         make_learner(ds, OFFLINE[~has3[OFFLINE]], mu=2, learner_codes_block=4, **{**check, **switch})
         for switch in ({"code_rehearsal.self_check.band": 1.0}, {"code_rehearsal.self_check.every": 0})

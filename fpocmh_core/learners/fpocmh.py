@@ -324,7 +324,11 @@ class FpocmhLearner(OnlineLearner):
             self.unchecked += len(self.waiting)
             check = self.cfg.code_rehearsal.self_check
             if self.unchecked >= check.every:
-                self.weights.update(stored_minus_rehashed(self.model, self.reservoir, check.items, check.queries))
+                # Before a new category the check only guards: below the configured weight, bag-of-tags P1
+                # lost 0.004 I->T (docs/design-notes/self-check.md); light rehearsal pays off for new categories.
+                floor = None if self.bank.has_new_category else self.cfg.code_rehearsal.weight
+                gaps = stored_minus_rehashed(self.model, self.reservoir, check.items, check.queries)
+                self.weights.update(gaps, floor)
                 self.unchecked = 0
         self.waiting = []
         return out

@@ -119,7 +119,8 @@ class RehearsalWeights:
         self.lr_scales = {m: float(meta.get("lr_scales", {}).get(m.short, 1.0)) for m in MODALITIES}
         self.gaps = {m: float(meta["gaps"][m.short]) for m in MODALITIES if m.short in meta["gaps"]}
 
-    def update(self, gaps: Mapping[Modality, float]) -> None:
+    def update(self, gaps: Mapping[Modality, float], floor: float | None = None) -> None:
+        """Steer on one self-check's ``gaps``; a weight is let go no lower than ``floor`` (None: ``min_weight``)."""
         self.gaps = dict(gaps)
         # Both ways: a model whose re-hash retrieves better (negative) or worse (positive) than the codes
         # it stored has parted from them; only a model that agrees with its codes may be let go.
@@ -127,7 +128,7 @@ class RehearsalWeights:
             if abs(gap) > self.cfg.band:
                 self._tighten(m)
             elif abs(gap) < self.cfg.band / 2:
-                self._loosen(m)
+                self._loosen(m, self.cfg.min_weight if floor is None else max(floor, self.cfg.min_weight))
 
     def _tighten(self, m: Modality) -> None:
         if self.weights[m] < self.max_weight:
@@ -135,8 +136,8 @@ class RehearsalWeights:
         else:
             self.lr_scales[m] = max(self.cfg.min_lr_scale, self.lr_scales[m] / 2)
 
-    def _loosen(self, m: Modality) -> None:
+    def _loosen(self, m: Modality, floor: float) -> None:
         if self.lr_scales[m] < 1.0:
             self.lr_scales[m] = min(1.0, self.lr_scales[m] * 2)
-        else:
-            self.weights[m] = max(self.cfg.min_weight, self.weights[m] / 2)
+        elif self.weights[m] > floor:
+            self.weights[m] = max(floor, self.weights[m] / 2)
