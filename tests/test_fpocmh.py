@@ -261,7 +261,15 @@ def test_the_lighter_rehearsal_changes_learning_only_after_a_new_category(ds):
 
 def test_the_rehearsal_weight_halves_while_stored_codes_keep_pace_and_doubles_once_model_and_codes_part():
     cfg = SelfCheckConfig(
-        every=1, items=8, queries=8, band=0.004, min_weight=0.5, max_weight=0.0, min_lr_scale=1.0, since="start"
+        every=1,
+        items=8,
+        queries=8,
+        band=0.004,
+        min_weight=0.5,
+        max_weight=0.0,
+        min_lr_scale=1.0,
+        since="start",
+        two_sided=True,
     )
     weights = RehearsalWeights(cfg, weight=5.0)
     weights.update({IMG: +0.001, TXT: -0.006})
@@ -279,7 +287,15 @@ def test_the_rehearsal_weight_halves_while_stored_codes_keep_pace_and_doubles_on
 
 def test_a_network_at_its_maximum_weight_that_still_runs_ahead_learns_slower_and_gets_its_rate_back_first():
     cfg = SelfCheckConfig(
-        every=1, items=8, queries=8, band=0.004, min_weight=1.0, max_weight=20.0, min_lr_scale=0.25, since="start"
+        every=1,
+        items=8,
+        queries=8,
+        band=0.004,
+        min_weight=1.0,
+        max_weight=20.0,
+        min_lr_scale=0.25,
+        since="start",
+        two_sided=False,
     )
     weights = RehearsalWeights(cfg, weight=5.0)
     for _ in range(2):

@@ -552,6 +552,7 @@ class FpocmhLearner(OnlineLearner):
             "max_weight": 0.0,
             "min_lr_scale": 1.0,
             "since": "new_category",
+            "two_sided": False,
             **saved["code_rehearsal"]["self_check"],
         }
         saved["lr_schedule"] = {"restart_on_new_category": False, "restart_start": None, **saved["lr_schedule"]}

@@ -49,6 +49,7 @@ class SelfCheckConfig:
     max_weight: float
     min_lr_scale: float
     since: str
+    two_sided: bool
 
     def __post_init__(self) -> None:
         if self.every < 0 or self.items < 1 or self.queries < 1:
@@ -90,10 +91,11 @@ class RehearsalWeights:
     """Each network's stored-code rehearsal weight and learning-rate scale, steered by the drift of the
     codes it wrote.
 
-    Once the model and its stored codes part by more than ``band`` either way (mAP over stored codes minus
-    over the same items re-hashed now, ``|gap|``), the network is held tighter: its
+    Once the model runs ahead of its stored codes by more than ``band`` (mAP over stored codes minus over
+    the same items re-hashed now below ``-band``; with ``two_sided`` also above ``band``), the network is held
+    tighter: its
     rehearsal weight doubles up to ``max_weight`` (the configured weight when that is unset), then its
-    learning rate halves down to ``min_lr_scale`` of the schedule's. While they agree (``|gap|`` below
+    learning rate halves down to ``min_lr_scale`` of the schedule's. While they keep pace (within
     ``band / 2``) it is let go in the reverse order: the learning rate back first, then the weight
     halved down to ``min_weight``. In between, nothing changes (hysteresis: one noisy check does not flip it).
     """
@@ -122,12 +124,12 @@ class RehearsalWeights:
     def update(self, gaps: Mapping[Modality, float], floor: float | None = None) -> None:
         """Steer on one self-check's ``gaps``; a weight is let go no lower than ``floor`` (None: ``min_weight``)."""
         self.gaps = dict(gaps)
-        # Both ways: a model whose re-hash retrieves better (negative) or worse (positive) than the codes
-        # it stored has parted from them; only a model that agrees with its codes may be let go.
         for m, gap in gaps.items():
-            if abs(gap) > self.cfg.band:
+            # Two-sided, stored codes that retrieve better than a re-hash (positive) count as parting too.
+            apart = abs(gap) if self.cfg.two_sided else -gap
+            if apart > self.cfg.band:
                 self._tighten(m)
-            elif abs(gap) < self.cfg.band / 2:
+            elif apart < self.cfg.band / 2:
                 self._loosen(m, self.cfg.min_weight if floor is None else max(floor, self.cfg.min_weight))
 
     def _tighten(self, m: Modality) -> None:
