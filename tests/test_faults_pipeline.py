@@ -176,8 +176,12 @@ def test_an_update_whose_part_headers_claim_another_version_is_refused_and_genui
 
 
 def test_with_a_key_only_updates_signed_with_it_are_applied(pipeline_cfg, mirflickr):
-    signed = dataclasses.replace(pipeline_cfg, security=settings.SecurityConfig("k-right", ""))
-    other = dataclasses.replace(pipeline_cfg, security=settings.SecurityConfig("k-wrong", ""))
+    signed = dataclasses.replace(
+        pipeline_cfg, security=dataclasses.replace(pipeline_cfg.security, model_key="k-right", model_key_file="")
+    )
+    other = dataclasses.replace(
+        pipeline_cfg, security=dataclasses.replace(pipeline_cfg.security, model_key="k-wrong", model_key_file="")
+    )
     publish(signed, checked_model_state(mirflickr, signed.bits, version=0))
     with RoleThread(run_encoder, signed) as encoder:
         wait_until(lambda: encoder.value("fpocmh_model_version", role="encoder") == 0, what="signed version 0")
