@@ -1,0 +1,470 @@
+"""Exact k-nearest-neighbour search in Hamming space by multi-index hashing (Norouzi, Punjani and Fleet,
+"Fast Search in Hamming Space with Multi-Index Hashing", CVPR 2012).
+
+A code is cut into m substrings (:mod:`fpocmh_core.hamming.substrings`). If two codes differ in d bits,
+some substring differs in at most floor(d / m) of them; so probing every table at substring radius
+0, 1, ..., r finds every code within m (r + 1) - 1 bits, and the search stops at the first r where the
+k-th nearest code found is within that bound. Ties at the k-th distance are all found by then, and
+sorting by (distance, item id) gives exactly the flat scan's answer.
+
+Layout of a segment (n codes of b bits, rows sorted by item id, as the flat store keeps them):
+
+* ``ids`` int64 and ``codes`` uint8 (n, b/8): 8 + b/8 bytes per code, the store's own arrays;
+* per substring j, the rows sorted by their substring key (ties by row), as one packed array of
+  ceil(log2 n)-bit row numbers for all m tables (m * 27 bits = 10.1 bytes per code at 10^8, m = 3),
+  and the offsets of each key's bucket in it (2^width_j + 1 uint32 per table, 0.34 bytes per code);
+* a bitmap of superseded rows (1 bit per code).
+
+Updates never rewrite a table: an upsert marks the id's old row dead in its segment and puts the new
+code into a small flat *tail*; a full tail becomes a new segment, and segments of one size tier are
+merged (dead rows dropped) once ``fanout`` of them exist, so each code is rebuilt about
+log_fanout(n / tail) times and at most (fanout - 1) segments per tier are searched. A segment whose dead
+rows pass a quarter is rebuilt on its own, which bounds the memory held by superseded codes.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fpocmh_core.hamming import common
+from fpocmh_core.hamming.packed import PackedUInts, width_for
+from fpocmh_core.hamming.substrings import (
+    SubstringPlan,
+    balanced_groups,
+    contiguous_groups,
+    flip_masks,
+    substring_count,
+)
+
+FORMAT = "fpocmh.hamming-mih/1"
+# Below this many rows a segment is scanned: its tables would cost more than they save.
+MIN_TABLE_ROWS = 4096
+# A query whose candidates pass this share of a segment's rows scans the segment instead (same answer).
+SCAN_SHARE = 0.25
+_KEY_CHUNK = 1 << 20
+
+
+class _Tables:
+    """The m sorted tables of one segment."""
+
+    def __init__(self, plan: SubstringPlan, n: int, offsets: np.ndarray, perm: PackedUInts) -> None:
+        self.plan, self.n, self.offsets, self.perm = plan, n, offsets, perm
+        sizes = [(1 << w) + 1 for w in plan.widths]
+        self.base = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        self.min_width = min(plan.widths)
+        self._probe_cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    @classmethod
+    def build(cls, codes: np.ndarray, plan: SubstringPlan) -> _Tables:
+        n = codes.shape[0]
+        keys = np.empty((n, plan.m), np.uint32)
+        for start in range(0, n, _KEY_CHUNK):
+            keys[start : start + _KEY_CHUNK] = plan.keys(codes[start : start + _KEY_CHUNK])
+        offsets = []
+        rows = np.empty(plan.m * n, np.uint32)
+        row_ids = np.arange(n, dtype=np.uint64)
+        for j, w in enumerate(plan.widths):
+            counts = np.bincount(keys[:, j], minlength=1 << w)
+            offsets.append(np.concatenate([[0], np.cumsum(counts)]))
+            # (key, row) in one uint64 sorts by key with rows ascending inside a bucket, and numpy's
+            # vectorised sort of uint64 is ~10x faster than a stable argsort of the keys.
+            composite = (keys[:, j].astype(np.uint64) << np.uint64(32)) | row_ids
+            composite.sort()
+            rows[j * n : (j + 1) * n] = composite & np.uint64(0xFFFFFFFF)
+            del composite
+        del keys
+        dtype = np.uint32 if n < 1 << 32 else np.uint64
+        return cls(plan, n, np.concatenate(offsets).astype(dtype), PackedUInts.pack(rows, width_for(n)))
+
+    def probe_plan(self, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For radius ``r`` over all tables: the flip masks, the table of each and its bucket base."""
+        if r not in self._probe_cache:
+            masks = [flip_masks(w, r) for w in self.plan.widths]
+            table = np.concatenate([np.full(m.size, j, np.int64) for j, m in enumerate(masks)])
+            self._probe_cache[r] = (np.concatenate(masks), table, self.base[table])
+        return self._probe_cache[r]
+
+    def candidates(self, q_keys: np.ndarray, r: int) -> tuple[np.ndarray, int]:
+        """Rows in the buckets at exactly substring radius ``r`` from the query's keys, and the buckets
+        looked up."""
+        masks, table, base = self.probe_plan(r)
+        buckets = base + (q_keys[table] ^ masks)
+        starts = self.offsets[buckets].astype(np.int64)
+        lengths = self.offsets[buckets + 1].astype(np.int64) - starts
+        nonempty = lengths > 0
+        starts, lengths, table = starts[nonempty], lengths[nonempty], table[nonempty]
+        total = int(lengths.sum())
+        if total == 0:
+            return np.zeros(0, np.int64), buckets.size
+        # Positions of every entry of the non-empty buckets, table j's entries living at j * n onwards.
+        shift = np.repeat(starts + table * self.n - (np.cumsum(lengths) - lengths), lengths)
+        return self.perm[shift + np.arange(total)], buckets.size
+
+    @property
+    def nbytes(self) -> int:
+        return self.offsets.nbytes + self.perm.nbytes
+
+
+class _Segment:
+    """Rows sorted by item id, their tables (None when small: scanned instead) and a dead-row bitmap."""
+
+    def __init__(self, ids: np.ndarray, codes: np.ndarray, tables: _Tables | None) -> None:
+        self.ids, self.codes, self.tables = ids, codes, tables
+        self.words = common.word_view(codes)
+        self.dead = np.zeros((ids.size + 7) // 8, np.uint8)
+        self.n_dead = 0
+
+    @classmethod
+    def build(cls, ids: np.ndarray, codes: np.ndarray, substrings: int | None, assign: str) -> _Segment:
+        n = ids.size
+        tables = None
+        if n >= MIN_TABLE_ROWS:
+            bits = codes.shape[1] * 8
+            m = substrings or substring_count(bits, n)
+            plan = balanced_groups(codes, m) if assign == "balanced" else contiguous_groups(bits, m)
+            tables = _Tables.build(codes, plan)
+        return cls(ids, codes, tables)
+
+    def __len__(self) -> int:
+        return self.ids.size - self.n_dead
+
+    def alive_mask(self, rows: np.ndarray) -> np.ndarray:
+        return ((self.dead[rows >> 3] >> (rows & 7).astype(np.uint8)) & 1) == 0
+
+    def kill(self, ids: np.ndarray) -> np.ndarray:
+        """Mark the alive rows of ``ids`` dead; returns which of ``ids`` were alive here."""
+        if not self.ids.size or not ids.size:
+            return np.zeros(ids.size, bool)
+        at = np.minimum(np.searchsorted(self.ids, ids), self.ids.size - 1)
+        hit = self.ids[at] == ids
+        hit[hit] = self.alive_mask(at[hit])
+        rows = at[hit]
+        np.bitwise_or.at(self.dead, rows >> 3, (1 << (rows & 7)).astype(np.uint8))
+        self.n_dead += rows.size
+        return hit
+
+    def alive_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self.n_dead:
+            return self.ids, self.codes
+        keep = self.alive_mask(np.arange(self.ids.size))
+        return self.ids[keep], self.codes[keep]
+
+    def search(
+        self, q: np.ndarray, q_words: np.ndarray, q_keys: np.ndarray | None, k: int, bound: int
+    ) -> tuple[np.ndarray, np.ndarray, int, int, int, bool]:
+        """The first ``k`` alive codes by (distance, id) among those within ``bound`` bits:
+        (distances, ids, buckets probed, candidates compared, radius reached, scanned)."""
+        bits = self.codes.shape[1] * 8
+        t = self.tables
+        if t is None or q_keys is None:
+            d, i = self._scan(q, q_words, k, bound)
+            return d, i, 0, self.ids.size, -1, True
+        pool_rows = np.zeros(0, np.int64)
+        pool_d = np.zeros(0, np.int32)
+        limit = bound  # the distance a code must not exceed to matter
+        probes = compared = 0
+        r = 0
+        for r in range(max(t.plan.widths) + 1):
+            rows, looked = t.candidates(q_keys, r)
+            probes += looked
+            compared += rows.size
+            if compared > SCAN_SHARE * self.ids.size:
+                d, i = self._scan(q, q_words, k, bound)
+                return d, i, probes, compared + self.ids.size, r, True
+            if self.n_dead and rows.size:
+                rows = rows[self.alive_mask(rows)]
+            if rows.size:
+                d = common.distances(self.words, rows, q_words)
+                near = d <= limit
+                pool_rows = np.concatenate([pool_rows, rows[near]])
+                pool_d = np.concatenate([pool_d, d[near]])
+                # A code close in several substrings comes from several tables: count it once.
+                pool_rows, first = np.unique(pool_rows, return_index=True)
+                pool_d = pool_d[first]
+                if pool_rows.size >= k:
+                    limit = min(limit, int(np.partition(pool_d, k - 1)[k - 1]))
+                    keep = pool_d <= limit
+                    pool_rows, pool_d = pool_rows[keep], pool_d[keep]
+            # Every code not found yet differs in >= r + 1 bits in each substring (or none is left).
+            found_within = bits if r >= t.min_width else t.plan.m * (r + 1) - 1
+            if found_within >= limit:
+                break
+        order = np.lexsort((pool_rows, pool_d))[:k]  # rows are in id order
+        return pool_d[order], self.ids[pool_rows[order]], probes, compared, r, False
+
+    def _scan(self, q: np.ndarray, q_words: np.ndarray, k: int, bound: int) -> tuple[np.ndarray, np.ndarray]:
+        if not self.n_dead:
+            d, rows = common.knn_scan(self.codes, q[None], min(k, self.ids.size))
+            d, rows = d[0], rows[0]
+        else:
+            d = np.bitwise_count(self.words ^ q_words).sum(axis=1, dtype=np.int32)
+            d[~self.alive_mask(np.arange(self.ids.size))] = np.iinfo(np.int32).max
+            rows = np.argsort(d, kind="stable")[:k]  # stable: ties by row, i.e. by id
+            d = d[rows]
+        near = d <= bound
+        return d[near].astype(np.int32), self.ids[rows[near]]
+
+    @property
+    def nbytes(self) -> int:
+        tables = self.tables.nbytes if self.tables is not None else 0
+        return self.ids.nbytes + self.codes.nbytes + self.dead.nbytes + tables
+
+
+class MIHIndex:
+    """Exact multi-index hashing over packed codes of ``bits`` (a multiple of 8, 16..128 or more).
+
+    ``substrings`` fixes m (default: from each segment's size); ``assign`` is "balanced" (bits spread over
+    substrings from the data's statistics) or "contiguous" (the paper's consecutive bits)."""
+
+    kind = "mih"
+
+    def __init__(
+        self,
+        bits: int,
+        *,
+        substrings: int | None = None,
+        assign: str = "balanced",
+        tail_rows: int = 65536,
+        fanout: int = 4,
+    ) -> None:
+        if bits % 8 or bits <= 0:
+            raise ValueError(f"code length must be a positive multiple of 8, got {bits}")
+        if assign not in ("balanced", "contiguous"):
+            raise ValueError(f"assign must be 'balanced' or 'contiguous', got {assign!r}")
+        self.bits, self.nbytes = bits, bits // 8
+        self.substrings, self.assign = substrings, assign
+        self.tail_rows, self.fanout = tail_rows, max(2, fanout)
+        self.segments: list[_Segment] = []
+        self._clear_tail()
+        self.last_stats = common.SearchStats.empty(0)
+
+    def _clear_tail(self) -> None:
+        self.tail_ids = np.zeros(0, np.int64)
+        self.tail_codes = np.zeros((0, self.nbytes), np.uint8)
+
+    def __len__(self) -> int:
+        return self.tail_ids.size + sum(len(s) for s in self.segments)
+
+    # --- updates ------------------------------------------------------------------------------
+
+    def upsert(self, ids: np.ndarray, codes: np.ndarray) -> None:
+        """Store ``codes[i]`` under ``ids[i]``, replacing any code an id had; for an id given twice in
+        the batch the later row wins."""
+        codes = np.asarray(codes, np.uint8).reshape(-1, self.nbytes)
+        if np.asarray(ids).size == 0:
+            return
+        ids, codes = last_wins_checked(ids, codes, self.nbytes)
+        if self.tail_ids.size:
+            at = np.minimum(np.searchsorted(self.tail_ids, ids), self.tail_ids.size - 1)
+            known = self.tail_ids[at] == ids
+            self.tail_codes[at[known]] = codes[known]
+            ids, codes = ids[~known], codes[~known]
+        for seg in self.segments:
+            seg.kill(ids)  # the new code goes to the tail; the old row is never searched again
+        at = np.searchsorted(self.tail_ids, ids)
+        self.tail_ids = np.insert(self.tail_ids, at, ids)
+        self.tail_codes = np.insert(self.tail_codes, at, codes, axis=0)
+        self._maintain()
+
+    def remove(self, ids: np.ndarray) -> None:
+        """Forget the codes of ``ids`` (unknown ids are ignored)."""
+        ids = np.unique(np.asarray(ids, np.int64))
+        if self.tail_ids.size:
+            keep = ~np.isin(self.tail_ids, ids)
+            self.tail_ids, self.tail_codes = self.tail_ids[keep], self.tail_codes[keep]
+        for seg in self.segments:
+            seg.kill(ids)
+        self._maintain()
+
+    def _maintain(self) -> None:
+        if self.tail_ids.size >= self.tail_rows:
+            self.segments.append(self._build(self.tail_ids, self.tail_codes))
+            self._clear_tail()
+        # Rebuild segments that hold mostly superseded rows; drop empty ones.
+        for i, seg in enumerate(self.segments):
+            if seg.n_dead * 4 > seg.ids.size:
+                self.segments[i] = self._build(*seg.alive_arrays())
+        self.segments = [s for s in self.segments if len(s)]
+        while True:
+            tiers = [self._tier(len(s)) for s in self.segments]
+            full = next((t for t in set(tiers) if tiers.count(t) >= self.fanout), None)
+            if full is None:
+                break
+            merging = [s for s, t in zip(self.segments, tiers, strict=True) if t <= full]
+            self.segments = [s for s, t in zip(self.segments, tiers, strict=True) if t > full]
+            self.segments.append(self._merge(merging))
+        self.segments.sort(key=len, reverse=True)  # search the largest first: its k-th distance bounds the rest
+
+    def _tier(self, n: int) -> int:
+        return max(0, int(math.log(max(n, 1) / self.tail_rows, self.fanout)))
+
+    def _build(self, ids: np.ndarray, codes: np.ndarray) -> _Segment:
+        return _Segment.build(ids, np.ascontiguousarray(codes), self.substrings, self.assign)
+
+    def _merge(self, segments: list[_Segment]) -> _Segment:
+        parts = [s.alive_arrays() for s in segments]
+        ids = np.concatenate([p[0] for p in parts])
+        codes = np.concatenate([p[1] for p in parts])
+        order = np.argsort(ids, kind="stable")  # sorted runs: timsort merges them
+        return self._build(ids[order], codes[order])
+
+    def compact(self) -> None:
+        """One segment holding every code (no tail, no dead rows): the fastest layout to search."""
+        if len(self.segments) == 1 and not self.tail_ids.size and not self.segments[0].n_dead:
+            return
+        ids, codes = self.arrays()
+        self.load(ids, codes)
+
+    def load(self, ids: np.ndarray, codes: np.ndarray) -> None:
+        """Replace everything with ``ids`` (sorted, unique) and their ``codes``, building the tables."""
+        check_sorted(ids, codes, self.nbytes)
+        self.segments = [self._build(ids, codes)] if ids.size else []
+        self._clear_tail()
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, codes) of every stored code, sorted by id."""
+        parts = [s.alive_arrays() for s in self.segments] + [(self.tail_ids, self.tail_codes)]
+        ids = np.concatenate([p[0] for p in parts])
+        codes = np.concatenate([p[1] for p in parts]).reshape(-1, self.nbytes)
+        if len(parts) > 2 or self.tail_ids.size:
+            order = np.argsort(ids, kind="stable")
+            ids, codes = ids[order], codes[order]
+        return ids, codes
+
+    # --- search -------------------------------------------------------------------------------
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(distances int32, item ids int64), (n, min(k, stored)) each, per query row in (distance, id)
+        order, ties at the k-th distance included exactly as a flat scan orders them."""
+        q = np.ascontiguousarray(np.atleast_2d(q), dtype=np.uint8)
+        n = q.shape[0]
+        k = min(k, len(self))
+        self.last_stats = stats = common.SearchStats.empty(n)
+        if k <= 0 or n == 0:
+            return np.zeros((n, 0), np.int32), np.zeros((n, 0), np.int64)
+        q_words = common.word_view(q)
+        keys = [s.tables.plan.keys(q) if s.tables is not None else None for s in self.segments]
+        out_d = np.empty((n, k), np.int32)
+        out_i = np.empty((n, k), np.int64)
+        for row in range(n):
+            d, i = self._search_one(row, q, q_words, keys, k, stats)
+            out_d[row], out_i[row] = d, i
+        return out_d, out_i
+
+    def _search_one(
+        self, row: int, q: np.ndarray, q_words: np.ndarray, keys: list, k: int, stats: common.SearchStats
+    ) -> tuple[np.ndarray, np.ndarray]:
+        dist, ids = [np.zeros(0, np.int32)], [np.zeros(0, np.int64)]
+        bound = self.bits
+        if self.tail_ids.size:
+            d, rows = common.knn_scan(self.tail_codes, q[row : row + 1], min(k, self.tail_ids.size))
+            dist.append(d[0])
+            ids.append(self.tail_ids[rows[0]])
+            stats.candidates[row] += self.tail_ids.size
+        for seg, seg_keys in zip(self.segments, keys, strict=True):
+            found = np.concatenate(dist)
+            if found.size >= k:
+                bound = min(bound, int(np.partition(found, k - 1)[k - 1]))
+            d, i, probes, compared, radius, scanned = seg.search(
+                q[row], q_words[row], None if seg_keys is None else seg_keys[row], k, bound
+            )
+            dist.append(d)
+            ids.append(i)
+            stats.probes[row] += probes
+            stats.candidates[row] += compared
+            stats.radius[row] = max(stats.radius[row], radius)
+            stats.scanned[row] |= scanned and seg.tables is not None
+        d_all, i_all = np.concatenate(dist), np.concatenate(ids)
+        order = np.lexsort((i_all, d_all))[:k]
+        return d_all[order], i_all[order]
+
+    # --- persistence and accounting -----------------------------------------------------------
+
+    def save(self, path: str | Path) -> None:
+        """Write the compacted index to folder ``path``: ids, codes and tables as .npy, plan as JSON."""
+        self.compact()
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        seg = self.segments[0] if self.segments else None
+        ids, codes = (seg.ids, seg.codes) if seg else self.arrays()
+        np.save(path / "ids.npy", ids, allow_pickle=False)
+        np.save(path / "codes.npy", codes, allow_pickle=False)
+        meta: dict[str, Any] = {"format": FORMAT, "bits": self.bits, "count": int(ids.size), "tables": None}
+        meta.update(substrings=self.substrings, assign=self.assign, tail_rows=self.tail_rows, fanout=self.fanout)
+        if seg is not None and seg.tables is not None:
+            t = seg.tables
+            np.save(path / "offsets.npy", t.offsets, allow_pickle=False)
+            np.save(path / "perm.npy", t.perm.words, allow_pickle=False)
+            meta["tables"] = {"groups": [list(g) for g in t.plan.groups], "width": t.perm.width}
+        common.write_meta(path, meta)
+
+    @classmethod
+    def restore(cls, path: str | Path, *, mmap: bool = False) -> MIHIndex:
+        """The index saved in ``path`` (no rebuild; ``mmap`` maps the arrays instead of reading them)."""
+        path = Path(path)
+        meta = common.read_meta(path, FORMAT)
+        index = cls(
+            meta["bits"],
+            substrings=meta["substrings"],
+            assign=meta["assign"],
+            tail_rows=meta["tail_rows"],
+            fanout=meta["fanout"],
+        )
+        ids = common.load_npy(path / "ids.npy", mmap)
+        codes = common.load_npy(path / "codes.npy", mmap)
+        check_sorted(ids, codes, index.nbytes)
+        if not ids.size:
+            return index
+        tables = None
+        if meta["tables"] is not None:
+            plan = SubstringPlan(index.bits, tuple(tuple(g) for g in meta["tables"]["groups"]))
+            perm = PackedUInts(common.load_npy(path / "perm.npy", mmap), meta["tables"]["width"], plan.m * ids.size)
+            tables = _Tables(plan, ids.size, common.load_npy(path / "offsets.npy", mmap), perm)
+        index.segments = [_Segment(ids, codes, tables)]
+        return index
+
+    @property
+    def nbytes_held(self) -> int:
+        return self.tail_ids.nbytes + self.tail_codes.nbytes + sum(s.nbytes for s in self.segments)
+
+    @property
+    def table_bytes(self) -> int:
+        """Bytes the index adds to the codes and ids themselves (tables and dead-row bitmaps)."""
+        return sum(s.nbytes - s.ids.nbytes - s.codes.nbytes for s in self.segments)
+
+    def stats(self) -> dict[str, Any]:
+        """What a dashboard shows: the kind, each segment's rows, dead rows and table layout, the bytes."""
+        return {
+            "kind": self.kind,
+            "count": len(self),
+            "tail_rows": int(self.tail_ids.size),
+            "segments": [
+                {
+                    "rows": int(s.ids.size),
+                    "dead": int(s.n_dead),
+                    "substring_widths": list(s.tables.plan.widths) if s.tables is not None else [],
+                    "table_bytes": s.tables.nbytes if s.tables is not None else 0,
+                }
+                for s in self.segments
+            ],
+            "bytes_held": self.nbytes_held,
+            "table_bytes": self.table_bytes,
+        }
+
+
+def last_wins_checked(ids: np.ndarray, codes: np.ndarray, nbytes: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.asarray(ids, np.int64).reshape(-1)
+    if codes.shape != (ids.size, nbytes):
+        raise ValueError(f"codes of shape {codes.shape} for {ids.size} ids of {nbytes} bytes")
+    return common.last_wins(ids, codes)
+
+
+def check_sorted(ids: np.ndarray, codes: np.ndarray, nbytes: int) -> None:
+    if ids.size > 1 and not (np.diff(ids) > 0).all():
+        raise ValueError("ids must be sorted and unique")
+    if codes.shape != (ids.size, nbytes):
+        raise ValueError(f"codes of shape {codes.shape} for {ids.size} ids of {nbytes} bytes")
