@@ -98,6 +98,10 @@ class LearnerConfig:
             )
 
 
+# The shard store's search: flat scans, or exact multi-index hashing (fpocmh_core.hamming).
+INDEX_KINDS = ("flat", "mih")
+
+
 @dataclass(frozen=True)
 class QueryConfig:
     group: str
@@ -118,6 +122,7 @@ class QueryConfig:
     snapshot_every_codes: int
     snapshot_every_s: float
     keep_snapshots: int
+    index: str
 
 
 @dataclass(frozen=True)
@@ -216,6 +221,8 @@ class PipelineConfig:
                 raise config.ConfigError(f"pipeline: {name}.batch_size must be >= 1")
         if self.query.commit_every_s < 0:
             raise config.ConfigError(f"pipeline: query.commit_every_s must be >= 0, got {self.query.commit_every_s}")
+        if self.query.index not in INDEX_KINDS:
+            raise config.ConfigError(f"pipeline: query.index is one of {INDEX_KINDS}, not {self.query.index!r}")
         if self.query.shards < 1:
             raise config.ConfigError(f"pipeline: query.shards must be >= 1, got {self.query.shards}")
         if self.query.missing_shards not in ("error", "partial"):

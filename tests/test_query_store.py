@@ -219,3 +219,29 @@ def test_an_unfinished_snapshot_folder_is_not_a_snapshot(tmp_path):
     snaps = SnapshotDir(tmp_path, "codes", [0], 64)
     (tmp_path / ".tmp-dead").mkdir()
     assert snaps.load_newest(CodeStore(64)) is None
+
+
+@pytest.mark.parametrize("bits", [16, 64, 128])
+def test_a_multi_index_store_answers_what_the_flat_store_answers_through_upserts_and_a_snapshot(tmp_path, bits):
+    rng = np.random.default_rng(bits)
+    n = 30_000
+    # Skewed bits, as learned codes have: most are 0, a few carry the information.
+    codes = np.packbits((rng.random((n, bits)) < rng.uniform(0.05, 0.5, bits)).astype(np.uint8), axis=1)
+    ids = rng.permutation(4 * n)[:n].astype(np.int64)
+    q = codes[rng.integers(0, n, 25)] ^ rng.integers(0, 2, (25, bits // 8), dtype=np.uint8)
+    stores = [CodeStore(bits, kind) for kind in ("flat", "mih")]
+    newer = codes[::4] ^ 0x0F
+    for store in stores:
+        for i in range(0, n, 4999):
+            store.upsert(ids[i : i + 4999], codes[i : i + 4999], Modality.TEXT)
+        store.upsert(ids[::4], newer, Modality.TEXT)  # a quarter superseded: the old codes leave the index
+    for k in (1, 10, 100, 1000):
+        flat, mih = (store.search(q, Modality.TEXT, k) for store in stores)
+        np.testing.assert_array_equal(mih[0], flat[0])
+        np.testing.assert_array_equal(mih[1], flat[1])
+    snaps = SnapshotDir(tmp_path, "codes", [0], bits)
+    snaps.write(stores[1], {0: n}, {0})
+    restored = CodeStore(bits, "mih")
+    snaps.load_newest(restored)
+    same_store(stores[0], restored)
+    np.testing.assert_array_equal(restored.search(q, Modality.TEXT, 100)[1], stores[0].search(q, Modality.TEXT, 100)[1])

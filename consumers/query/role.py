@@ -58,7 +58,7 @@ class QueryService:
         self.models = models
         self.shard = shard
         self.partitions = partitions
-        self.store = CodeStore(cfg.bits)
+        self.store = CodeStore(cfg.bits, cfg.query.index)
         self.snapshots = (
             SnapshotDir(
                 shard_dir(cfg.query.snapshot_dir, cfg.topics.codes, shard.index, shard.count),

@@ -22,6 +22,7 @@ import faiss
 import numpy as np
 
 from fpocmh_core import schemas
+from fpocmh_core.hamming.mih import MIHIndex
 from fpocmh_core.records import Modality
 
 # faiss's heap search is fastest for a short top-k, its counting search for long ones (3x at k = 1000).
@@ -151,9 +152,14 @@ class CodeStore:
     """Database codes by (item, modality): the newest record of a key replaces the older one, as
     compaction would, so a key written twice (a batch re-read after a crash) is held once."""
 
-    def __init__(self, bits: int) -> None:
+    def __init__(self, bits: int, index: str = "flat") -> None:
         self.bits = bits
-        self.modal = {m: ModalStore(bits) for m in Modality}
+        self.index = index
+        self.modal = {m: self._modal_store() for m in Modality}
+
+    def _modal_store(self) -> ModalStore | MIHIndex:
+        # Both keep the same contract: upserts by id, load, arrays sorted by id, exact (distance, id) order.
+        return ModalStore(self.bits) if self.index == "flat" else MIHIndex(self.bits)
 
     def upsert_rows(self, rows: np.ndarray) -> None:
         """Rows of :func:`fpocmh_core.schemas.code_row_dtype`, in topic order."""
@@ -188,4 +194,4 @@ class CodeStore:
         return self.modal[modality].arrays()
 
     def clear(self) -> None:
-        self.modal = {m: ModalStore(self.bits) for m in Modality}
+        self.modal = {m: self._modal_store() for m in Modality}

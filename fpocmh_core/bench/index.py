@@ -21,8 +21,8 @@ import os
 import platform
 import resource
 import shutil
-import sys
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
