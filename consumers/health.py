@@ -72,7 +72,10 @@ class BrokerHealth:
         """librdkafka's ``error_cb``."""
         if err.code() in LOST:
             self.count("transport")
-            self.lost(err.str())
+            # On a cluster one broker's connection failing is not the broker lost: the metadata watch tells
+            # which one went, and librdkafka says when none is left.
+            if err.code() == KafkaError._ALL_BROKERS_DOWN or len(self.known) <= 1:
+                self.lost(err.str())
         elif err.code() in REFUSED:
             self.refused(err)
         else:
@@ -151,6 +154,44 @@ class BrokerHealth:
         except KafkaException:
             pass
         return False
+
+
+class BrokerWatch:
+    """The brokers the cluster's metadata lists, asked every ``every_s`` on a thread of its own and handed to
+    :meth:`BrokerHealth.brokers_listed` (and ``fpocmh_brokers``). Not in the role's loop: a transaction
+    waiting for its lost coordinator holds that loop for as long as the outage lasts."""
+
+    def __init__(self, admin: AdminClient, topic: str, health: BrokerHealth, gauge: Any, every_s: float) -> None:
+        self.admin = admin
+        self.topic = topic
+        self.health = health
+        self.gauge = gauge
+        self.every_s = every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"fpocmh-{health.role}-brokers", daemon=True)
+
+    def start(self) -> BrokerWatch:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            self.once()
+            if self._stop.wait(self.every_s):
+                return
+
+    def once(self) -> None:
+        try:
+            ids = set(self.admin.list_topics(self.topic, timeout=1.0).brokers)
+        except KafkaException:
+            return  # no answer: the outage is the health's to report
+        if ids:
+            self.gauge.set(len(ids))
+            self.health.brokers_listed(ids)
 
 
 _ROLES: dict[str, BrokerHealth] = {}

@@ -98,6 +98,11 @@ def admin_config(cfg: PipelineConfig) -> dict[str, Any]:
     return {**_base(cfg), "logger": health.client_logger("admin"), **cfg.kafka, **credentials.login(cfg)}
 
 
+def make_admin(cfg: PipelineConfig, role: str) -> AdminClient:
+    """An admin client of ``role``: its principal, reporting to its health."""
+    return AdminClient({**_base(cfg), **_reporting(cfg, role), **cfg.kafka, **credentials.login(cfg, role)})
+
+
 def require_broker_reachable(cfg: PipelineConfig) -> None:
     """One line naming the address, within ``broker.connect_timeout_s``, when no broker answers (or what to
     set when it refuses the login)."""

@@ -41,7 +41,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from consumers import faults, health
 from consumers.handlers import Decoded, Handler, Pipelined
-from consumers.kafka import make_producer
+from consumers.kafka import make_admin, make_producer
 from consumers.metrics import Metrics
 from consumers.offsets import IntervalCommits, first_offsets, next_offsets, partition_lag, poll_batch
 from consumers.settings import PipelineConfig
@@ -139,7 +139,6 @@ class Runtime:
         # ones through ``on_commit``, which the consumer must be given). Below it nothing is read again.
         self.committed: dict[tuple[str, int], int] = {}
         self._last_lag: dict[int, float] = {}
-        self._last_brokers = 0.0
 
     # ------------------------------------------------------------------------------------- producing
 
@@ -509,6 +508,7 @@ class Runtime:
         interval = IntervalCommits(commit_every_s) if commit and commit_every_s is not None else None
         overlap = commit and interval is None and not self.transactional and hasattr(handler, "prepare")
         pending: list[Message] = []  # an overlapped batch produced, not yet acknowledged and committed
+        brokers = self.watch_brokers()
         try:
             while not self.stop.is_set():
                 self.health.check()
@@ -534,7 +534,6 @@ class Runtime:
                 if interval is not None and (due := interval.take()):
                     consumer.commit(offsets=due, asynchronous=True)
                 self.update_lag(consumer)
-                self.watch_brokers()
             if pending:
                 self._finish(consumer, handler, pending, commit=True)
             if interval is not None:
@@ -543,25 +542,19 @@ class Runtime:
                 before_close()
             log.info("%s: stopped: last batch flushed and committed; closing", self.role)
         finally:
+            brokers.close()
             try:
                 if not self.transactional:
                     self.producer.flush(self.cfg.flush_timeout_s)
             finally:
                 consumer.close()
 
-    def watch_brokers(self) -> None:
-        """Every few seconds, the brokers the metadata lists (``fpocmh_brokers``, a line when one goes or all
+    def watch_brokers(self) -> health.BrokerWatch:
+        """The brokers the metadata lists, every few seconds (``fpocmh_brokers``, a line when one goes or all
         are back): on a replicated cluster a lost broker stops nothing, so nothing else would show it."""
-        now = time.monotonic()
-        if not self.health.is_up or now - self._last_brokers < BROKERS_EVERY_S:
-            return
-        self._last_brokers = now
-        try:
-            ids = set(self.producer.list_topics(self.cfg.topics.codes, timeout=1.0).brokers)
-        except KafkaException:
-            return  # no answer: the outage is the health's to report
-        self.metrics.brokers.labels(self.role).set(len(ids))
-        self.health.brokers_listed(ids)
+        admin = make_admin(self.cfg, self.role)
+        gauge = self.metrics.brokers.labels(self.role)
+        return health.BrokerWatch(admin, self.cfg.topics.codes, self.health, gauge, BROKERS_EVERY_S).start()
 
     def update_lag(self, consumer: Consumer) -> None:
         """Per partition: the high watermark the last fetch reported minus our position.
