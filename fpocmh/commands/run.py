@@ -334,7 +334,10 @@ def summarize(
 
     lags = [s.catchup_s for s in scores]
     last = scores[-1]
+    from fpocmh_core.bench.report import provenance
+
     summary = {
+        **provenance(),
         "protocol": stream.name,
         "arrivals": report.items,
         "replay_items_per_s": report.achieved,

@@ -169,16 +169,19 @@ def commit() -> str:
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else ""
 
 
-def write_json(path: Path | None, results: list[dict[str, Any]], **extra: Any) -> None:
-    if path is None:
-        return
-    doc = {
+def provenance() -> dict[str, Any]:
+    """What every results file records first: the command that made it, the commit, the machine, the date."""
+    return {
         "command": " ".join(["fpocmh", *sys.argv[1:]]) if sys.argv else "",
         "commit": commit(),
         "machine": machine(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        **extra,
-        "results": results,
     }
+
+
+def write_json(path: Path | None, results: list[dict[str, Any]], **extra: Any) -> None:
+    if path is None:
+        return
+    doc = {**provenance(), **extra, "results": results}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2))
