@@ -6,7 +6,7 @@ import argparse
 
 from fpocmh.commands.registry import add_commands
 
-HELP = "run a benchmark (offline, stream, lifelong, pipeline, query) and print/write its table"
+HELP = "run a benchmark (offline, stream, lifelong, pipeline, query), all of them, or the report of their files"
 
 BENCHES = {
     "offline": "fpocmh_core.bench.offline",
@@ -14,6 +14,8 @@ BENCHES = {
     "lifelong": "fpocmh_core.bench.lifelong",
     "pipeline": "consumers.bench.pipeline",
     "query": "consumers.bench.query",
+    "report": "fpocmh.commands.bench_report",
+    "all": "fpocmh.commands.bench_all",
 }
 
 
