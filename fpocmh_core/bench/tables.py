@@ -152,6 +152,8 @@ def pipeline(doc: Row) -> list[str]:
         f"{doc['repeats']} round(s)"
     )
     rows = [[label, rate(doc.get(key))] for key, label in PIPELINE_RATES if doc.get(key) is not None]
+    if doc.get("ingest_share_of_lower_bound") is not None:
+        rows.append(["ingest as a share of its in-process bound", f"{doc['ingest_share_of_lower_bound']:.2f}"])
     out = [f"{doc['broker']}: {layout}.", ""] + grid(["measure", "items/s"], rows)
     queries = doc.get("query") or []
     if queries:
