@@ -99,7 +99,7 @@ def test_renderers_show_a_stream_file_as_its_benchmark_wrote_it(tmp_path):
     assert any("**not met**" in line for line in lines)
 
 
-def test_bench_all_runs_an_entry_writes_its_file_and_the_report(tmp_path):
+def test_bench_all_runs_an_entry_and_writes_its_file_and_the_report_beside_it(tmp_path):
     results, report = tmp_path / "results", tmp_path / "benchmarks.md"
     proc = subprocess.run(
         [
@@ -113,10 +113,6 @@ def test_bench_all_runs_an_entry_writes_its_file_and_the_report(tmp_path):
             "--quiet",
             "--results",
             str(results),
-            "--report",
-            str(report),
-            "--images",
-            str(tmp_path / "img"),
             "--logs",
             str(tmp_path / "logs"),
         ],

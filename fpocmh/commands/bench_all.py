@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from fpocmh.commands.bench_report import REPORT, RESULTS
+from fpocmh.commands.bench_report import RESULTS, report_path
 
 HELP = "rerun every headline benchmark (or --quick: reduced versions, under 10 minutes) and rewrite docs/benchmarks.md"
 
@@ -22,8 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run these entries only (names from --list)")
     parser.add_argument("--list", action="store_true", help="print the plan and its expected minutes, run nothing")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder the results files go to")
-    parser.add_argument("--images", type=Path, default=Path("docs/img"), help="folder the mAP plots go to")
-    parser.add_argument("--report", type=Path, default=REPORT, help="the Markdown report to rewrite")
+    parser.add_argument("--images", type=Path, help="folder the mAP plots go to (default: img/ beside --results)")
+    parser.add_argument("--report", type=Path, help="the Markdown report to rewrite (default: beside --results)")
     parser.add_argument("--logs", type=Path, default=Path("runs/bench_all"), help="one log file per benchmark")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from fpocmh_core.bench.tables import render
 
     entries = plan(args)
+    args.images = args.images or args.results.parent / "img"
     total = sum(e.minutes for e in entries)
     print(f"{len(entries)} benchmark(s), about {total:.0f} min on a 2-core machine:")
     for e in entries:
@@ -76,8 +77,9 @@ def run(args: argparse.Namespace) -> int:
                 failed.append((e.name, log))
     finally:
         bar.close()
-    args.report.write_text(render(args.results))
-    print(f"wrote {args.report}")
+    report = report_path(args.results, args.report)
+    report.write_text(render(args.results))
+    print(f"wrote {report}")
     for name, log in failed:
         print(f"bench all: {name} failed; its output is in {log}", file=sys.stderr)
     return 1 if failed else 0
