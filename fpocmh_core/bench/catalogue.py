@@ -436,7 +436,7 @@ QUICK_ENTRIES: tuple[Entry, ...] = (
         "P3, offline share 0.3, seed 0, both learners",
         "stream",
         _stream("--protocol", "p3", "--seed", "0", "--methods", "frozen", "fpocmh", "dlch"),
-        2,
+        4,
         QUICK,
     ),
     Entry(
@@ -466,10 +466,10 @@ QUICK_ENTRIES: tuple[Entry, ...] = (
         "Query tier through tansu, 10^5 codes",
         "query",
         ("bench", "query", "--sizes", "1e5", "--shards", "1", "2", "--probes", "100", "--repeats", "1", "--quiet"),
-        2,
+        1,
         QUICK,
     ),
-    Entry("quick/run_p1", "P1 on tansu (`fpocmh run`)", "run", ("run", "--quiet"), 2, QUICK),
+    Entry("quick/run_p1", "P1 on tansu (`fpocmh run`)", "run", ("run", "--quiet"), 1, QUICK),
 )
 
 ENTRIES: tuple[Entry, ...] = FULL + QUICK_ENTRIES
