@@ -79,7 +79,7 @@ FULL: tuple[Entry, ...] = (
             "--retrain-seeds",
             "0",
         ),
-        16,
+        17,
         P1,
     ),
     Entry(
@@ -100,7 +100,7 @@ FULL: tuple[Entry, ...] = (
             "--retrain-seeds",
             "0",
         ),
-        16,
+        17,
         P1,
     ),
     Entry(
@@ -168,7 +168,7 @@ FULL: tuple[Entry, ...] = (
         "P3, offline share 0.3, both learners",
         "stream",
         _stream("--protocol", "p3", *SEEDS, "--methods", "frozen", "naive", "fpocmh", "dlch"),
-        8,
+        19,
         P3,
     ),
     Entry(
