@@ -6,7 +6,7 @@ import argparse
 
 from fpocmh.commands.registry import add_commands
 
-HELP = "run a benchmark (offline, stream, lifelong, pipeline, query), all of them, or the report of their files"
+HELP = "run a benchmark (offline, stream, lifelong, pipeline, query, index), all of them, or the report of their files"
 
 BENCHES = {
     "offline": "fpocmh_core.bench.offline",
@@ -14,6 +14,7 @@ BENCHES = {
     "lifelong": "fpocmh_core.bench.lifelong",
     "pipeline": "consumers.bench.pipeline",
     "query": "consumers.bench.query",
+    "index": "fpocmh_core.bench.index",
     "report": "fpocmh.commands.bench_report",
     "all": "fpocmh.commands.bench_all",
 }

@@ -9,20 +9,16 @@ the bits change and every bit keeps its mean, so the replicas keep the model's s
 Every answer of every index is compared with the flat scan's top-k, ties by (distance, item id)
 included (``exact``: equal on every probe); faiss's hash indexes are approximate and report recall@k.
 
-    python -m fpocmh_core.bench.index --source learned random --sizes 1e6 1e7 --out results.json
+    fpocmh bench index --source learned random --sizes 1e6 1e7 --json results.json
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import resource
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,27 +32,38 @@ from tqdm import tqdm
 from fpocmh_core.hamming import FlatIndex, MIHIndex
 from fpocmh_core.hamming.common import sort_by_distance_then_id
 
+HELP = "one shard's Hamming index in process: flat scan against multi-index hashing, random and learned codes"
+
 KS = (10, 100, 1000)
 CHUNK = 1 << 20
+SOURCES = ("learned", "random")
+INDEX_KINDS = ("flat", "mih", "mih-contiguous", "faiss-hash", "faiss-multihash")
+PARAMS = ("source", "sizes", "k", "index", "bits", "probes", "flat_probes_1e8", "flip", "catchup", "batch", "seed")
 
 
 # --- code sources ---------------------------------------------------------------------------------
 
 
-def learned_base_codes(bits: int = 64, cache: Path | None = None, seed: int = 0) -> np.ndarray:
-    """Packed codes of every image and text of the benchmark file from an offline FPO-CMH model trained
-    (default offline config) on the P1 protocol's offline part; cached in ``cache`` when given."""
+def learned_base_codes(
+    bits: int = 64, cache: Path | None = None, seed: int = 0, ds: Any = None, offline: dict[str, Any] | None = None
+) -> np.ndarray:
+    """Packed codes of every image and text of ``ds`` (default: the benchmark file) from an offline FPO-CMH
+    model trained on the P1 protocol's offline part (default offline config, with ``offline``'s overrides);
+    cached in ``cache`` when given."""
     if cache is not None and cache.is_file():
         return np.load(cache, allow_pickle=False)
+    import dataclasses
+
     from fpocmh_core import config
     from fpocmh_core.data import load_dataset
     from fpocmh_core.offline import TrainingSet, load_offline_config, train_offline
     from fpocmh_core.protocols import P1Config, p1_split
     from fpocmh_core.records import Modality
 
-    ds = load_dataset()
+    ds = load_dataset() if ds is None else ds
     split = p1_split(ds, config.load(P1Config, "p1"))
-    model = train_offline(TrainingSet.from_rows(ds, split.offline), bits, load_offline_config(), seed=seed).model
+    trainer = dataclasses.replace(load_offline_config(), **(offline or {}))
+    model = train_offline(TrainingSet.from_rows(ds, split.offline), bits, trainer, seed=seed).model
     codes = np.concatenate([model.encode(ds.image, Modality.IMAGE), model.encode(ds.text, Modality.TEXT)])
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -118,26 +125,6 @@ class FaissBinary:
 
 def rss_peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": round(ram / 2**30, 1), "python": platform.python_version()}
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def timed_searches(search: Callable, q: np.ndarray, k: int, progress: bool, label: str) -> dict[str, Any]:
@@ -266,9 +253,11 @@ def catch_up(index: Any, codes: np.ndarray, args: argparse.Namespace, n: int) ->
     return {"catchup_codes": total, "catchup_codes_per_s": total / seconds}
 
 
-def run_size(source: str, n: int, base: np.ndarray | None, args: argparse.Namespace, workdir: Path) -> list[dict]:
+def run_size(
+    source: str, n: int, bits: int, base: np.ndarray | None, args: argparse.Namespace, workdir: Path
+) -> list[dict]:
     rng = np.random.default_rng([args.seed, n])
-    nbytes = args.bits // 8
+    nbytes = bits // 8
     if source == "learned":
         assert base is not None
         codes = replicate(base, n, args.flip, rng, args.progress)
@@ -287,7 +276,7 @@ def run_size(source: str, n: int, base: np.ndarray | None, args: argparse.Namesp
     truth_s = time.perf_counter() - t0
     out = []
     for kind in args.index:
-        res = {"source": source, "size": n, "bits": args.bits, "truth_s": truth_s}
+        res = {"source": source, "size": n, "bits": bits, "truth_s": truth_s}
         res |= bench_one(kind, ids, codes, queries, truth, args, workdir)
         print(json.dumps(brief(res)), flush=True)
         out.append(res)
@@ -304,54 +293,40 @@ def brief(res: dict[str, Any]) -> dict[str, Any]:
     return b
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m fpocmh_core.bench.index", description=__doc__.split("\n\n")[0])
-    p.add_argument("--source", nargs="+", choices=("random", "learned"), default=["learned", "random"])
-    p.add_argument("--sizes", nargs="+", type=float, default=[1e6, 1e7], help="codes in the shard (1e8 allowed)")
-    p.add_argument("--k", nargs="+", type=int, default=list(KS))
-    p.add_argument(
-        "--index",
-        nargs="+",
-        default=["flat", "mih", "faiss-multihash"],
-        choices=("flat", "mih", "mih-contiguous", "faiss-hash", "faiss-multihash"),
-    )
-    p.add_argument("--bits", type=int, default=64)
-    p.add_argument("--probes", type=int, default=1000, help="query codes per size")
-    p.add_argument("--flat-probes-1e8", type=int, default=100, help="probes timed on the flat scan at >= 5e7 codes")
-    p.add_argument("--flip", type=float, default=0.05, help="learned: mean share of bits flipped per replica")
-    p.add_argument("--catchup", type=float, default=1e6, help="codes upserted after the build (0: skip)")
-    p.add_argument("--batch", type=int, default=50_000, help="catch-up batch size")
-    p.add_argument("--codes-cache", type=Path, default=None, help="npy file caching the learned base codes")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="JSON results file")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    return p.parse_args(argv)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from fpocmh_core.bench.report import add_common_arguments
+
+    add_common_arguments(parser)
+    parser.add_argument("--source", nargs="+", choices=SOURCES, default=list(SOURCES), help="code sources to measure")
+    parser.add_argument("--sizes", nargs="+", type=float, default=[1e6, 1e7], help="codes in the shard (1e8 fits)")
+    parser.add_argument("--k", nargs="+", type=int, default=list(KS), help="top-k sizes to time")
+    parser.add_argument("--index", nargs="+", default=["flat", "mih", "faiss-multihash"], choices=INDEX_KINDS)
+    parser.add_argument("--probes", type=int, default=1000, help="query codes per size")
+    parser.add_argument("--flat-probes-1e8", type=int, default=100, help="flat-scan probes at >= 5e7 codes")
+    parser.add_argument("--flip", type=float, default=0.05, help="learned: mean share of bits flipped per replica")
+    parser.add_argument("--catchup", type=float, default=1e6, help="codes upserted after the build (0: skip)")
+    parser.add_argument("--batch", type=int, default=50_000, help="catch-up batch size")
+    parser.add_argument("--codes-cache", type=Path, default=None, help="npy file caching the learned base codes")
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    if args.bits % 8:
-        raise SystemExit("--bits must be a multiple of 8")
-    base = learned_base_codes(args.bits, args.codes_cache) if "learned" in args.source else None
+def run(args: argparse.Namespace) -> int:
+    from fpocmh_core.bench.report import dataset, write_json
+
+    if any(b % 8 for b in args.bits):
+        raise SystemExit(f"--bits {' '.join(map(str, args.bits))}: every code length must be a multiple of 8")
+    args.progress = not args.quiet
     results = []
+    bases = {}
     with tempfile.TemporaryDirectory(prefix="bench-index-") as tmp:
-        for size in args.sizes:
-            for source in args.source:
-                results += run_size(source, int(size), base, args, Path(tmp))
-    report = {
-        "command": "python -m fpocmh_core.bench.index " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "git_commit": git_commit(),
-        "machine": machine(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "learned_base_codes": None if base is None else int(base.shape[0]),
-        "results": results,
-    }
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1, default=float))
-    return report
-
-
-if __name__ == "__main__":
-    main()
+        for bits in args.bits:
+            base = None
+            if "learned" in args.source:
+                cache = args.codes_cache.with_suffix(f".b{bits}.npy") if args.codes_cache else None
+                base = learned_base_codes(bits, cache, args.seed, dataset(args))
+                bases[str(bits)] = int(base.shape[0])
+            for size in args.sizes:
+                for source in args.source:
+                    results += run_size(source, int(size), bits, base, args, Path(tmp))
+    params = {k: v for k, v in vars(args).items() if k in PARAMS}
+    write_json(args.json, results, params=params, learned_base_codes=bases)
+    return 0

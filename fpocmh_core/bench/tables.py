@@ -205,6 +205,7 @@ def query(doc: Row) -> list[str]:
 def index(doc: Row) -> list[str]:
     header = [
         "source",
+        "bits",
         "codes",
         "index",
         "k",
@@ -224,6 +225,7 @@ def index(doc: Row) -> list[str]:
             rows.append(
                 [
                     r["source"],
+                    str(r.get("bits", 64)),
                     f"{r['size']:,}",
                     r["index"],
                     key[1:],
