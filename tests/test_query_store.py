@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from pipeline_support import model_state
 
-from consumers.query import store as store_mod
 from consumers.query.shards import ShardAnswers, ShardSpec, merge_topk
 from consumers.query.snapshots import SnapshotDir
-from consumers.query.store import CodeStore, ModalStore
+from consumers.query.store import CodeStore
 from fpocmh_core import codes as codes_mod
 from fpocmh_core import schemas
+from fpocmh_core.hamming import FlatIndex
+from fpocmh_core.hamming import flat as flat_index
 from fpocmh_core.learners.base import model_from_state
 from fpocmh_core.records import Modality
 
@@ -44,7 +45,7 @@ def tie_heavy(n, seed, nbytes=1):
 
 
 def filled(ids, codes, bits, batch=997):
-    store = ModalStore(bits)
+    store = FlatIndex(bits)
     for i in range(0, ids.size, batch):
         store.upsert(ids[i : i + batch], codes[i : i + batch])
     return store
@@ -61,7 +62,7 @@ def test_the_store_answers_the_definition_exactly_on_benchmark_codes(benchmark_c
 
 @pytest.mark.parametrize("bits", [8, 16, 64])
 def test_ties_are_broken_by_item_id_across_the_delta_and_the_main_segment(monkeypatch, bits):
-    monkeypatch.setattr(store_mod, "MIN_DELTA_ROWS", 500)
+    monkeypatch.setattr(flat_index, "MIN_DELTA_ROWS", 500)
     ids, codes, q = tie_heavy(6000, seed=bits, nbytes=bits // 8)
     if bits == 64:
         codes[:, :6] = 0  # 16 random bits in a 64-bit code

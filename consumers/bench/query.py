@@ -2,7 +2,7 @@
 
 Per store size (default 10^6 and 10^7 random 64-bit text codes):
 
-1. Memory: resident-set growth while a :class:`~consumers.query.store.ModalStore` takes the codes in
+1. Memory: resident-set growth while a :class:`~fpocmh_core.hamming.FlatIndex` takes the codes in
    batches of 20,000 (ids, codes and the id lookup, all included), per code.
 2. The codes go to a codes topic of their own (round-robin over its partitions); one in-process
    shard reader (:class:`~consumers.query.code_log.CodeLog` + store, as the role runs them) reads them all:
@@ -81,13 +81,13 @@ def synthetic(size: int, bits: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def bytes_per_code(ids: np.ndarray, codes: np.ndarray) -> float:
     """Resident growth per code while a store takes ``codes`` in batches (shuffled: ids arrive unordered)."""
-    from consumers.query.store import ModalStore
+    from fpocmh_core.hamming import FlatIndex
 
     order = np.random.default_rng(1).permutation(ids.size)
     shuffled_ids, shuffled_codes = ids[order], codes[order]
     gc.collect()
     before = rss_bytes()
-    store = ModalStore(codes.shape[1] * 8)
+    store = FlatIndex(codes.shape[1] * 8)
     for i in range(0, ids.size, BATCH):
         store.upsert(shuffled_ids[i : i + BATCH], shuffled_codes[i : i + BATCH])
     store.compact()

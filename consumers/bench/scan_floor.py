@@ -2,7 +2,7 @@
 scanning processes, with no broker, client or role between.
 
 Each layout of ``S`` shards gets ``S`` processes, each holding one shard's codes in a
-:class:`~consumers.query.store.ModalStore` (as a shard holds them) and answering a packed query code sent
+:class:`~fpocmh_core.hamming.FlatIndex` (as a shard holds them) and answering a packed query code sent
 over a pipe with its exact top-k; a layout's round trip waits for all its processes. ``bench query``
 sends every probe to a layout's bare processes right after its shard roles answered it, so both meet
 the same moment of the host. Two shards' p99 over one shard's here is the best that any tier of
@@ -55,10 +55,10 @@ def _serve_scans(conn: Connection, base: str, bits: int, k: int) -> None:
     """A bare shard: load its codes, then search each query code it is sent and say when it is done."""
     import faiss
 
-    from consumers.query.store import ModalStore
+    from fpocmh_core.hamming import FlatIndex
 
     faiss.omp_set_num_threads(1)  # as the query role sets it
-    store = ModalStore(bits)
+    store = FlatIndex(bits)
     store.load(np.load(f"{base}.ids.npy", allow_pickle=False), np.load(f"{base}.codes.npy", allow_pickle=False))
     conn.send_bytes(READY)
     while (query := conn.recv_bytes()) != STOP:

@@ -16,8 +16,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from consumers.query.store import sort_by_distance_then_id
 from fpocmh_core import schemas
+from fpocmh_core.hamming import sort_by_distance_then_id
 
 
 @dataclass(frozen=True)
