@@ -27,6 +27,8 @@ METRICS_ADDR_ENV = "FPOCMH_METRICS_ADDR"
 # Up to a minute: a learner batch or a replayed batch of queries on a busy machine takes seconds, and
 # a quantile above the last finite bucket would only show that bucket's bound.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Decades up to 10^8: codes compared per query run from a few (multi-index hashing) to every code (a scan).
+COUNT_BUCKETS = (1, 10, 100, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8)
 
 
 class Metrics:
@@ -197,6 +199,32 @@ class Metrics:
             "fpocmh_store_snapshot_timestamp_seconds",
             "Unix time of the snapshot the store last wrote or loaded; its age is time() minus this",
             ["shard"],
+            registry=registry,
+        )
+        self.store_index_info = Gauge(
+            "fpocmh_store_index_info",
+            "1 for the Hamming index kind the shard's store searches with (query.index)",
+            ["shard", "kind"],
+            registry=registry,
+        )
+        self.store_index_table_bytes = Gauge(
+            "fpocmh_store_index_table_bytes",
+            "Bytes the shard's index holds beyond the ids and codes themselves (0 for the flat scan)",
+            ["shard", "modality"],
+            registry=registry,
+        )
+        self.query_index_probes = Histogram(
+            "fpocmh_query_index_probes",
+            "Hash-table buckets one query looked up in the shard's index (0 for the flat scan)",
+            ["shard"],
+            buckets=COUNT_BUCKETS,
+            registry=registry,
+        )
+        self.query_index_candidates = Histogram(
+            "fpocmh_query_index_candidates",
+            "Stored codes whose distance one query computed in the shard (every code for the flat scan)",
+            ["shard"],
+            buckets=COUNT_BUCKETS,
             registry=registry,
         )
         self.store_rebuilds = Counter(

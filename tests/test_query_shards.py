@@ -4,6 +4,7 @@ restore exactly what a fresh read holds, consistency bounds, silent shards, a re
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 
 import numpy as np
@@ -161,6 +162,41 @@ def test_a_shard_restarted_from_its_snapshot_holds_exactly_what_a_fresh_read_hol
         for svc, follower in ((restarted, models_r), (fresh, models_f)):
             svc.close()
             follower.close()
+
+
+def test_a_multi_index_shard_restarted_from_its_snapshot_answers_what_one_flat_store_answers(cfg, model, mirflickr):
+    """Enough codes for the multi-index to build tables when the snapshot loads; its metrics say so."""
+    stop = threading.Event()
+    stored = produce_codes(cfg, model, mirflickr, np.arange(5000))
+    mih = dataclasses.replace(cfg, query=dataclasses.replace(cfg.query, index="mih"))
+    first, models = service(mih, ShardSpec(0, 1), stop)
+    first.snapshot()
+    first.close()
+    models.close()
+    svc, models = service(mih, ShardSpec(0, 1), stop)
+    queries = np.arange(6000, 6005)
+    try:
+        request = functools.partial(schemas.QueryRequest, "c", cfg.topics.results, Modality.IMAGE)
+        answers = {k: svc.answer(request(mirflickr.image[queries], k, Modality.TEXT)) for k in (10, 500)}
+        samples = svc.rt.metrics.registry.get_sample_value
+        tag = {"shard": "all"}
+        kind = samples("fpocmh_store_index_info", {**tag, "kind": "mih"})
+        table_bytes = samples("fpocmh_store_index_table_bytes", {**tag, "modality": Modality.TEXT.short})
+        probed = samples("fpocmh_query_index_probes_count", tag)
+        probes = samples("fpocmh_query_index_probes_sum", tag)
+        compared = samples("fpocmh_query_index_candidates_sum", tag)
+    finally:
+        svc.close()
+        models.close()
+
+    for k, answer in answers.items():
+        dist, ids = single_store_answer(model, mirflickr, stored, queries, k)
+        assert answer.status == "ok"
+        np.testing.assert_array_equal(answer.distances, dist)
+        np.testing.assert_array_equal(answer.ids, ids)
+    assert kind == 1 and table_bytes > 0, "the tables were built when the snapshot loaded"
+    assert probed == 2 * len(queries), "one observation per query"
+    assert probes > 0 and compared > 0
 
 
 def test_session_consistency_sees_a_code_written_just_before_the_request(cfg, model, mirflickr):

@@ -34,6 +34,7 @@ from consumers.query.store import CodeStore, return_freed_arrays_to_os
 from consumers.runtime import Runtime
 from consumers.settings import PipelineConfig
 from fpocmh_core import schemas
+from fpocmh_core.hamming import SearchStats
 from fpocmh_core.records import Modality
 from fpocmh_core.validation import check_query_features
 
@@ -75,6 +76,8 @@ class QueryService:
         if snap is not None:
             log.info("query %s: loaded snapshot %s (%d image, %d text codes)", shard.tag, snap.path, *self.store.counts)
             self.rt.metrics.store_snapshot_time.labels(shard.tag).set(snap.created)
+        self.rt.metrics.store_index_info.labels(shard.tag, cfg.query.index).set(1)
+        self._count_codes()
         self.codes = CodeLog(rt, cfg.topics.codes, partitions, snap.offsets if snap else None)
         self._unsaved = 0
         self._saved_at = time.monotonic()
@@ -117,9 +120,13 @@ class QueryService:
             self.store.upsert_rows(rows)
             self.model_versions |= self.codes.model_versions
             self._unsaved += rows.size
-            for m in Modality:
-                self.rt.metrics.store_codes.labels(self.shard.tag, m.short).set(self.store.count(m))
+            self._count_codes()
         return int(rows.size)
+
+    def _count_codes(self) -> None:
+        for m in Modality:
+            self.rt.metrics.store_codes.labels(self.shard.tag, m.short).set(self.store.count(m))
+            self.rt.metrics.store_index_table_bytes.labels(self.shard.tag, m.short).set(self.store.modal[m].table_bytes)
 
     def snapshot(self) -> None:
         if self.snapshots is None or not self._unsaved:
@@ -228,9 +235,18 @@ class QueryService:
         if n:
             packed = self.model.encode(np.asarray(req.features, dtype=np.float32), req.modality)
             dist, ids = self.store.search(packed, req.target, req.k)
+            self._observe_search(self.store.modal[req.target].last_stats)
         else:
             dist, ids = empty, empty
         return self._result(req, "ok", ids, dist, time.perf_counter() - start)
+
+    def _observe_search(self, stats: SearchStats) -> None:
+        """Why a query was slow: the buckets it probed and the codes it compared, per query."""
+        probes = self.rt.metrics.query_index_probes.labels(self.shard.tag)
+        candidates = self.rt.metrics.query_index_candidates.labels(self.shard.tag)
+        for p, c in zip(stats.probes.tolist(), stats.candidates.tolist(), strict=True):
+            probes.observe(p)
+            candidates.observe(c)
 
     def _result(
         self, req: schemas.QueryRequest, status: str, ids: np.ndarray, dist: np.ndarray, seconds: float, error: str = ""
