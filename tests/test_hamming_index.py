@@ -13,7 +13,7 @@ import pytest
 
 from fpocmh_core import codes as codes_mod
 from fpocmh_core.bench.index import learned_base_codes, replicate
-from fpocmh_core.hamming import KINDS, make_index
+from fpocmh_core.hamming import KINDS, MIHIndex, make_index, restore_index
 
 
 def definition(q, ids, codes, k):
@@ -115,19 +115,33 @@ def test_a_later_row_of_an_id_in_one_batch_wins(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_saved_index_restores_to_the_same_answers(kind, tmp_path):
+def test_a_saved_index_restores_to_the_same_answers_segments_superseded_rows_and_tail_included(kind, tmp_path):
     rng = np.random.default_rng(4)
     ids, codes = np.arange(25_000, dtype=np.int64), clustered(rng, 25_000, 64)
-    index = make_index(kind, 64)
-    index.upsert(ids, codes)
+    index = MIHIndex(64, tail_rows=2048) if kind == "mih" else make_index(kind, 64)
+    for start in range(0, ids.size, 3_000):
+        index.upsert(ids[start : start + 3_000], codes[start : start + 3_000])
     index.upsert(ids[:100], codes[-100:])
+    index.remove(ids[200:300])
+    if kind == "mih":
+        layout = index.stats()
+        assert len(layout["segments"]) > 1 and layout["tail_rows"] > 0 and any(s["dead"] for s in layout["segments"])
     index.save(tmp_path / kind)
-    restored = type(index).restore(tmp_path / kind)
+    restored = restore_index(tmp_path / kind)
+    assert type(restored) is type(index) and len(restored) == len(index) == 24_900
     q = codes[::2500]
     for k in (10, 1000):
         for want, got in zip(index.search(q, k), restored.search(q, k), strict=True):
             np.testing.assert_array_equal(got, want)
-    assert restored.stats()["count"] == index.stats()["count"] == 25_000
+
+
+def test_a_damaged_saved_index_is_refused_not_half_loaded(tmp_path):
+    index = MIHIndex(64, tail_rows=2048)
+    index.upsert(np.arange(5000), uniform(np.random.default_rng(6), 5000, 64))
+    index.save(tmp_path)
+    np.save(tmp_path / "seg0.dead.npy", np.zeros(3, np.uint8))
+    with pytest.raises(ValueError, match="dead-row bitmap"):
+        restore_index(tmp_path)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -191,14 +191,14 @@ def test_a_corrupt_snapshot_is_ignored_with_a_log_line_and_the_older_one_loads(t
     snaps = SnapshotDir(tmp_path, "codes", [0], 64)
     snaps.write(small_store(1), {0: 100}, {0})
     newest = snaps.write(small_store(2), {0: 200}, {0})
-    codes_file = newest / "txt.codes.npy"
+    codes_file = newest / "txt" / "codes.npy"
     raw = bytearray(codes_file.read_bytes())
     raw[-5] ^= 0x01  # one flipped bit
     codes_file.write_bytes(bytes(raw))
     loaded = CodeStore(64)
     assert snaps.load_newest(loaded).offsets == {0: 100}
     same_store(small_store(1), loaded)
-    assert "ignored" in caplog.text and "txt.codes.npy" in caplog.text
+    assert "ignored" in caplog.text and "txt/codes.npy" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -246,3 +246,16 @@ def test_a_multi_index_store_answers_what_the_flat_store_answers_through_upserts
     snaps.load_newest(restored)
     same_store(stores[0], restored)
     np.testing.assert_array_equal(restored.search(q, Modality.TEXT, 100)[1], stores[0].search(q, Modality.TEXT, 100)[1])
+
+
+@pytest.mark.parametrize(("written_by", "read_by"), [("flat", "mih"), ("mih", "flat")])
+def test_a_shard_switched_to_another_index_kind_builds_its_own_from_the_snapshot(tmp_path, written_by, read_by):
+    snaps = SnapshotDir(tmp_path, "codes", [0], 64)
+    written = CodeStore(64, written_by)
+    for m in Modality:
+        written.modal[m].load(*small_store().codes(m))
+    snaps.write(written, {0: 1200}, {0})
+    loaded = CodeStore(64, read_by)
+    assert snaps.load_newest(loaded).offsets == {0: 1200}
+    assert all(loaded.modal[m].kind == read_by for m in Modality)
+    same_store(small_store(), loaded)

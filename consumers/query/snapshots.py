@@ -1,9 +1,11 @@
-"""Snapshots of a query shard's store: the codes, their ids and the codes-topic offsets they reflect.
+"""Snapshots of a query shard's store: each modality's index and the codes-topic offsets they reflect.
 
 A snapshot is a folder ``snap-<time in ns>`` under the shard's own directory
-(``<snapshot_dir>/<codes topic>/shard-<s>-of-<S>``) holding per modality ``<mod>.ids.npy`` and
-``<mod>.codes.npy`` (sorted by id, loaded straight into the store) and ``meta.json`` (format, bits,
-topic, partitions, next offset per partition, model versions seen, and a CRC-32 and size per file).
+(``<snapshot_dir>/<codes topic>/shard-<s>-of-<S>``) holding per modality the folder its index saves
+(ids and codes sorted by id, and a multi-index's tables, so a restart rebuilds nothing) and ``meta.json``
+(format, bits, topic, partitions, next offset per partition, model versions seen, and a CRC-32 and size
+per file). A shard configured with another index kind than the snapshot's loads its codes and builds
+its own index from them.
 It is written into a temporary folder and renamed into place, so a crash leaves either the whole
 snapshot or none. On start the shard loads the newest snapshot that checks out and replays only the
 tail; a corrupt or foreign one (other bits, topic or partitions) is logged and skipped, never loaded.
@@ -22,14 +24,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from consumers.query.store import CodeStore
+from fpocmh_core.hamming import restore_index
 from fpocmh_core.records import Modality
 
 log = logging.getLogger(__name__)
 
-FORMAT = "fpocmh.query-snapshot/1"
+FORMAT = "fpocmh.query-snapshot/2"
 META = "meta.json"
 _CHUNK = 1 << 24
 
@@ -79,12 +80,11 @@ class SnapshotDir:
         tmp.mkdir()
         files = {}
         for m in Modality:
-            ids, codes = store.codes(m)
-            for kind, arr in (("ids", ids), ("codes", codes)):
-                name = f"{m.short}.{kind}.npy"
-                np.save(tmp / name, arr, allow_pickle=False)
-                _fsync(tmp / name)
-                files[name] = {"crc32": _crc(tmp / name), "size": (tmp / name).stat().st_size}
+            store.modal[m].save(tmp / m.short)
+            for file in sorted((tmp / m.short).iterdir()):
+                _fsync(file)
+                files[f"{m.short}/{file.name}"] = {"crc32": _crc(file), "size": file.stat().st_size}
+            _fsync(tmp / m.short)
         meta = {
             "format": FORMAT,
             "bits": self.bits,
@@ -137,15 +137,12 @@ class SnapshotDir:
         for path in self.snapshots():
             try:
                 meta = self.check(path)
-                arrays = {
-                    m: (
-                        np.load(path / f"{m.short}.ids.npy", allow_pickle=False),
-                        np.load(path / f"{m.short}.codes.npy", allow_pickle=False),
-                    )
-                    for m in Modality
-                }
-                for m, (ids, codes) in arrays.items():
-                    store.modal[m].load(ids, codes)
+                for m in Modality:
+                    saved = restore_index(path / m.short)
+                    if saved.kind == store.index:
+                        store.modal[m] = saved
+                    else:
+                        store.modal[m].load(*saved.arrays())
             except (ValueError, OSError, KeyError) as exc:
                 log.warning("query: snapshot %s ignored: %s", path, exc)
                 store.clear()

@@ -220,17 +220,17 @@ def summary(x: np.ndarray) -> dict[str, float]:
 
 
 def restart(index: Any, path: Path, cls: type) -> dict[str, Any]:
-    """Seconds to save, to restore the saved arrays (tables included) and to rebuild from ids + codes."""
+    """Seconds to save, to restore the saved arrays (tables included) and to rebuild the tables from the
+    ids and codes alone."""
     t0 = time.perf_counter()
     index.save(path)
     save_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     restored = cls.restore(path)
     restore_s = time.perf_counter() - t0
+    ids, codes = restored.arrays()
     del restored
     t0 = time.perf_counter()
-    ids = np.load(path / "ids.npy", allow_pickle=False)
-    codes = np.load(path / "codes.npy", allow_pickle=False)
     rebuilt = cls(codes.shape[1] * 8)
     rebuilt.load(ids, codes)
     rebuild_s = time.perf_counter() - t0

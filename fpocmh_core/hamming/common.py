@@ -54,6 +54,14 @@ def write_meta(path: Path, meta: dict[str, Any]) -> None:
     (path / META).write_text(json.dumps(meta, indent=1))
 
 
+def saved_format(path: Path) -> str | None:
+    """The format an index saved in ``path`` names (ValueError when its metadata is unreadable)."""
+    try:
+        return json.loads((path / META).read_text()).get("format")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{path}: unreadable {META} ({exc})") from exc
+
+
 def read_meta(path: Path, fmt: str) -> dict[str, Any]:
     meta = json.loads((path / META).read_text())
     if meta.get("format") != fmt:

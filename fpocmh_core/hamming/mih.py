@@ -40,11 +40,13 @@ from fpocmh_core.hamming.substrings import (
     substring_count,
 )
 
-FORMAT = "fpocmh.hamming-mih/1"
+FORMAT = "fpocmh.hamming-mih/2"
 # Below this many rows a segment is scanned: its tables would cost more than they save.
 MIN_TABLE_ROWS = 4096
 # A query whose candidates pass this share of a segment's rows scans the segment instead (same answer).
 SCAN_SHARE = 0.25
+# New codes wait in a flat tail of up to this many before they become a segment with tables.
+TAIL_ROWS = 65536
 _KEY_CHUNK = 1 << 20
 
 
@@ -228,7 +230,7 @@ class MIHIndex:
         *,
         substrings: int | None = None,
         assign: str = "balanced",
-        tail_rows: int = 65536,
+        tail_rows: int | None = None,
         fanout: int = 4,
     ) -> None:
         if bits % 8 or bits <= 0:
@@ -237,7 +239,7 @@ class MIHIndex:
             raise ValueError(f"assign must be 'balanced' or 'contiguous', got {assign!r}")
         self.bits, self.nbytes = bits, bits // 8
         self.substrings, self.assign = substrings, assign
-        self.tail_rows, self.fanout = tail_rows, max(2, fanout)
+        self.tail_rows, self.fanout = tail_rows or TAIL_ROWS, max(2, fanout)
         self.segments: list[_Segment] = []
         self._clear_tail()
         self.last_stats = common.SearchStats.empty(0)
@@ -385,26 +387,31 @@ class MIHIndex:
     # --- persistence and accounting -----------------------------------------------------------
 
     def save(self, path: str | Path) -> None:
-        """Write the compacted index to folder ``path``: ids, codes and tables as .npy, plan as JSON."""
-        self.compact()
+        """Write the index as it stands to folder ``path``, tables included, so a restore rebuilds nothing:
+        per segment its ids, codes, dead-row bitmap and tables as .npy, the tail's ids and codes, and the
+        layout as JSON."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        seg = self.segments[0] if self.segments else None
-        ids, codes = (seg.ids, seg.codes) if seg else self.arrays()
-        np.save(path / "ids.npy", ids, allow_pickle=False)
-        np.save(path / "codes.npy", codes, allow_pickle=False)
-        meta: dict[str, Any] = {"format": FORMAT, "bits": self.bits, "count": int(ids.size), "tables": None}
+        layout = []
+        for i, seg in enumerate(self.segments):
+            arrays = {"ids": seg.ids, "codes": seg.codes, "dead": seg.dead}
+            tables = None
+            if seg.tables is not None:
+                arrays |= {"offsets": seg.tables.offsets, "perm": seg.tables.perm.words}
+                tables = {"groups": [list(g) for g in seg.tables.plan.groups], "width": seg.tables.perm.width}
+            for name, arr in arrays.items():
+                np.save(path / f"seg{i}.{name}.npy", arr, allow_pickle=False)
+            layout.append({"rows": int(seg.ids.size), "tables": tables})
+        np.save(path / "tail.ids.npy", self.tail_ids, allow_pickle=False)
+        np.save(path / "tail.codes.npy", self.tail_codes, allow_pickle=False)
+        meta: dict[str, Any] = {"format": FORMAT, "bits": self.bits, "count": len(self), "segments": layout}
         meta.update(substrings=self.substrings, assign=self.assign, tail_rows=self.tail_rows, fanout=self.fanout)
-        if seg is not None and seg.tables is not None:
-            t = seg.tables
-            np.save(path / "offsets.npy", t.offsets, allow_pickle=False)
-            np.save(path / "perm.npy", t.perm.words, allow_pickle=False)
-            meta["tables"] = {"groups": [list(g) for g in t.plan.groups], "width": t.perm.width}
         common.write_meta(path, meta)
 
     @classmethod
     def restore(cls, path: str | Path, *, mmap: bool = False) -> MIHIndex:
-        """The index saved in ``path`` (no rebuild; ``mmap`` maps the arrays instead of reading them)."""
+        """The index saved in ``path`` (no rebuild; ``mmap`` maps the arrays read-only instead of reading
+        them, for searching only)."""
         path = Path(path)
         meta = common.read_meta(path, FORMAT)
         index = cls(
@@ -414,17 +421,30 @@ class MIHIndex:
             tail_rows=meta["tail_rows"],
             fanout=meta["fanout"],
         )
-        ids = common.load_npy(path / "ids.npy", mmap)
-        codes = common.load_npy(path / "codes.npy", mmap)
-        check_sorted(ids, codes, index.nbytes)
-        if not ids.size:
-            return index
-        tables = None
-        if meta["tables"] is not None:
-            plan = SubstringPlan(index.bits, tuple(tuple(g) for g in meta["tables"]["groups"]))
-            perm = PackedUInts(common.load_npy(path / "perm.npy", mmap), meta["tables"]["width"], plan.m * ids.size)
-            tables = _Tables(plan, ids.size, common.load_npy(path / "offsets.npy", mmap), perm)
-        index.segments = [_Segment(ids, codes, tables)]
+        for i, layout in enumerate(meta["segments"]):
+            ids = common.load_npy(path / f"seg{i}.ids.npy", mmap)
+            codes = common.load_npy(path / f"seg{i}.codes.npy", mmap)
+            check_sorted(ids, codes, index.nbytes)
+            if ids.size != layout["rows"]:
+                raise ValueError(f"{path}: segment {i} holds {ids.size} rows, its layout says {layout['rows']}")
+            tables = None
+            if layout["tables"] is not None:
+                plan = SubstringPlan(index.bits, tuple(tuple(g) for g in layout["tables"]["groups"]))
+                words = common.load_npy(path / f"seg{i}.perm.npy", mmap)
+                perm = PackedUInts(words, layout["tables"]["width"], plan.m * ids.size)
+                tables = _Tables(plan, ids.size, common.load_npy(path / f"seg{i}.offsets.npy", mmap), perm)
+            seg = _Segment(ids, codes, tables)
+            dead = common.load_npy(path / f"seg{i}.dead.npy", mmap)
+            if dead.shape != seg.dead.shape:
+                raise ValueError(f"{path}: segment {i}'s dead-row bitmap has {dead.size} bytes, not {seg.dead.size}")
+            seg.dead, seg.n_dead = dead, int(np.bitwise_count(dead).sum())
+            index.segments.append(seg)
+        tail_ids = common.load_npy(path / "tail.ids.npy", mmap)
+        tail_codes = common.load_npy(path / "tail.codes.npy", mmap)
+        check_sorted(tail_ids, tail_codes, index.nbytes)
+        index.tail_ids, index.tail_codes = tail_ids, tail_codes
+        if len(index) != meta["count"]:
+            raise ValueError(f"{path}: {len(index)} codes restored, {meta['count']} saved")
         return index
 
     @property
