@@ -17,6 +17,7 @@ from typing import Any
 
 from consumers.learner.pacing import PacingConfig
 from fpocmh_core import config
+from fpocmh_core.hamming import KINDS as INDEX_KINDS
 from fpocmh_core.model_check import ModelCheckConfig
 
 KAFKA_ENV_PREFIX = "FPOCMH_KAFKA_"
@@ -96,10 +97,6 @@ class LearnerConfig:
             raise config.ConfigError(
                 f"pipeline: learner.on_topic_reset must be one of {TOPIC_RESET_POLICIES}, got {self.on_topic_reset!r}"
             )
-
-
-# The shard store's search: flat scans, or exact multi-index hashing (fpocmh_core.hamming).
-INDEX_KINDS = ("flat", "mih")
 
 
 @dataclass(frozen=True)

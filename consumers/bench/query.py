@@ -1,9 +1,14 @@
-"""``fpocmh bench query``: the sharded query tier on synthetic codes, measured in one run.
+"""``fpocmh bench query``: the sharded query tier on random or learned-statistics codes, measured in one run.
 
-Per store size (default 10^6 and 10^7 random 64-bit text codes):
+Per store size (default 10^6 and 10^7 64-bit text codes): ``--codes random`` draws them uniformly;
+``--codes learned`` publishes the offline FPO-CMH model (trained on P1's offline part) and stores its
+codes of the benchmark file's images and texts, replicated to the size with bit flips that keep every
+bit's mean (:func:`fpocmh_core.bench.index.replicate`), so the shards see the model's skew and clusters
+and the image queries it hashes fall among them. ``--index`` picks the shards' index (``query.index``);
+the bare processes of step 4 always scan.
 
-1. Memory: resident-set growth while a :class:`~fpocmh_core.hamming.FlatIndex` takes the codes in
-   batches of 20,000 (ids, codes and the id lookup, all included), per code.
+1. Memory: resident-set growth while the shard's index takes the codes in batches of 20,000 (ids, codes,
+   the id lookup and any tables, all included), per code.
 2. The codes go to a codes topic of their own (round-robin over its partitions); one in-process
    shard reader (:class:`~consumers.query.code_log.CodeLog` + store, as the role runs them) reads them all:
    the catch-up rate, codes/s.
@@ -36,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from consumers.bench.scan_floor import BareLayouts, interleaved, round_percentiles, shard_masks
+from fpocmh_core.hamming import KINDS
 
 HELP = "query tier benchmark: bytes/code, catch-up, snapshot restart, p50/p99 over 1/2/4 shards, exact merge"
 
@@ -46,6 +52,7 @@ CHECKED_QUERIES = 20
 PROBES = 1000
 # tansu stops answering 4-shard requests after 700-1,400 probes in one run (README, "Query tier").
 TANSU_PROBES = 300
+CODE_SOURCES = ("random", "learned")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +72,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "tansu, which stops answering 4-shard requests after 700-1,400 in one run)",
     )
     parser.add_argument("--repeats", type=int, default=2, help="rounds per shard count; the best p99 is reported")
+    parser.add_argument("--index", choices=KINDS, help="the shards' Hamming index (default: query.index)")
+    parser.add_argument(
+        "--codes",
+        choices=CODE_SOURCES,
+        default="random",
+        help="stored codes: uniformly random, or the offline model's codes of the benchmark file replicated "
+        "with bit flips (the model is published, so queries are hashed by it too)",
+    )
+    parser.add_argument("--flip", type=float, default=0.05, help="learned codes: mean share of bits flipped per copy")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/bench_query"), help="snapshots and role logs")
 
 
@@ -73,21 +89,26 @@ def rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def synthetic(size: int, bits: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Item ids 0..size-1 and uniformly random codes."""
+def database(size: int, bits: int, seed: int, base: np.ndarray | None, flip: float) -> tuple[np.ndarray, np.ndarray]:
+    """Item ids 0..size-1 and their codes: uniformly random, or copies of ``base`` with bits flipped."""
+    from fpocmh_core.bench.index import replicate
+
     rng = np.random.default_rng(seed)
-    return np.arange(size, dtype=np.int64), rng.integers(0, 256, (size, bits // 8), dtype=np.uint8)
+    ids = np.arange(size, dtype=np.int64)
+    if base is None:
+        return ids, rng.integers(0, 256, (size, bits // 8), dtype=np.uint8)
+    return ids, replicate(base, size, flip, rng)
 
 
-def bytes_per_code(ids: np.ndarray, codes: np.ndarray) -> float:
-    """Resident growth per code while a store takes ``codes`` in batches (shuffled: ids arrive unordered)."""
-    from fpocmh_core.hamming import FlatIndex
+def bytes_per_code(ids: np.ndarray, codes: np.ndarray, index: str) -> float:
+    """Resident growth per code while an index takes ``codes`` in batches (shuffled: ids arrive unordered)."""
+    from fpocmh_core.hamming import make_index
 
     order = np.random.default_rng(1).permutation(ids.size)
     shuffled_ids, shuffled_codes = ids[order], codes[order]
     gc.collect()
     before = rss_bytes()
-    store = FlatIndex(codes.shape[1] * 8)
+    store = make_index(index, codes.shape[1] * 8)
     for i in range(0, ids.size, BATCH):
         store.upsert(shuffled_ids[i : i + BATCH], shuffled_codes[i : i + BATCH])
     store.compact()
@@ -134,7 +155,7 @@ def catch_up(cfg: Any, partitions: list[int], expected: int, metrics: Any) -> fl
 
     rt = Runtime(cfg, "query", metrics)
     reader = CodeLog(rt, cfg.topics.codes, partitions)
-    store = CodeStore(cfg.bits)
+    store = CodeStore(cfg.bits, cfg.query.index)
     start = time.perf_counter()
     try:
         while sum(store.counts) < expected:
@@ -159,7 +180,7 @@ def write_snapshots(
     written = 0.0
     for s, mine in enumerate(shard_masks(ids, partitions, shards)):
         owned = ShardSpec(s, shards).owns(partitions)
-        store = CodeStore(cfg.bits)
+        store = CodeStore(cfg.bits, cfg.query.index)
         store.modal[Modality.TEXT].load(ids[mine], codes[mine])
         snaps = SnapshotDir(
             shard_dir(cfg.query.snapshot_dir, cfg.topics.codes, s, shards), cfg.topics.codes, owned, cfg.bits
@@ -176,7 +197,7 @@ def write_snapshots(
     )
     gc.collect()
     start = time.perf_counter()
-    if snaps.load_newest(CodeStore(cfg.bits)) is None:
+    if snaps.load_newest(CodeStore(cfg.bits, cfg.query.index)) is None:
         raise RuntimeError(f"the snapshot just written under {snaps.path} did not load")
     return written, time.perf_counter() - start
 
@@ -336,7 +357,7 @@ def run(args: argparse.Namespace) -> int:
     from confluent_kafka.admin import AdminClient
     from prometheus_client import CollectorRegistry
 
-    from consumers.bench.workload import model_state, publish, tagged
+    from consumers.bench.workload import model_state, publish, state_of, tagged
     from consumers.kafka import admin_config, connect, ensure_topics, is_tansu
     from consumers.metrics import Metrics
     from consumers.query.store import CodeStore, return_freed_arrays_to_os
@@ -348,7 +369,7 @@ def run(args: argparse.Namespace) -> int:
 
     if len(args.bits) != 1:
         raise ValueError("bench query measures one code length at a time")
-    cfg = load_config(args, f"bits={args.bits[0]}")
+    cfg = load_config(args, f"bits={args.bits[0]}", *([f"query.index={args.index}"] if args.index else []))
     kind = broker_kind(args, cfg)
     if max(args.shards) > cfg.partitions.codes:
         raise ValueError(f"{max(args.shards)} shards need partitions.codes >= {max(args.shards)}")
@@ -357,11 +378,25 @@ def run(args: argparse.Namespace) -> int:
     ds = load_dataset(args.data)
     metrics = Metrics(CollectorRegistry())
     work = args.work_dir / time.strftime("%Y%m%d-%H%M%S")
-    state = model_state(ds, cfg.bits)
+    base = None
+    if args.codes == "learned":
+        from fpocmh_core.bench.index import learned_model, model_codes
+
+        print("training the offline model whose codes the shards will hold", flush=True)
+        trained = learned_model(cfg.bits, args.seed, ds)
+        state, base = state_of(trained), model_codes(trained, ds)
+    else:
+        state = model_state(ds, cfg.bits)
     model = model_from_state(state)
     stop = threading.Event()
     sizes = [int(s) for s in sorted(args.sizes)]
-    summary: dict[str, Any] = {"broker": "external" if cfg.bootstrap_servers else kind, "bits": cfg.bits, "sizes": {}}
+    summary: dict[str, Any] = {
+        "broker": "external" if cfg.bootstrap_servers else kind,
+        "bits": cfg.bits,
+        "index": cfg.query.index,
+        "codes": args.codes,
+        "sizes": {},
+    }
     rounds: list[dict[str, Any]] = []
     with connect(cfg, work, kind, args.brokers) as cfg:
         # Side by side where idle readers cost the broker little (long polls); tansu holds every empty
@@ -372,8 +407,8 @@ def run(args: argparse.Namespace) -> int:
         q_features = ds.image[: max(probes, CHECKED_QUERIES)]
         q_codes = model.encode(q_features, Modality.IMAGE)
         for size in sizes:
-            ids, codes = synthetic(size, cfg.bits, args.seed)
-            per_code = bytes_per_code(ids, codes)
+            ids, codes = database(size, cfg.bits, args.seed, base, args.flip)
+            per_code = bytes_per_code(ids, codes, cfg.query.index)
             print(f"{size:,} codes: {per_code:.1f} bytes per code resident (ids, codes, id lookup)", flush=True)
             tag = f"q{size}-" + uuid.uuid4().hex[:6]
             sized = tagged(cfg, tag)
@@ -406,7 +441,7 @@ def run(args: argparse.Namespace) -> int:
                 row["snapshot_write_s"] = measured[1]["snapshot_write_s"]
                 row["restart_seconds"] = measured[1]["snapshot_load_s"]
             for shards, m in measured.items():
-                rounds.append({"codes": size, "shards": shards, **m})
+                rounds.append({"codes": size, "shards": shards, "index": cfg.query.index, "source": args.codes, **m})
                 print(
                     f"  {shards} shard(s): p50 {m['p50_ms']:.1f} ms, p99 {m['p99_ms']:.1f} ms, "
                     f"search {m['search_ms']:.1f} ms, bare scans p50 {m['bare_p50_ms']:.1f} / p99 "
@@ -436,6 +471,8 @@ def run(args: argparse.Namespace) -> int:
     columns = [
         "codes",
         "shards",
+        "index",
+        "source",
         "p50_ms",
         "p99_ms",
         "search_ms",

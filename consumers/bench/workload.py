@@ -52,9 +52,14 @@ def stream_messages(ds: Any, split: Any, p1cfg: Any, n: int) -> list[tuple[bytes
 def model_state(ds: Any, bits: int) -> Any:
     """Version 0 for throughput and latency: the deployed shape (1024 hidden), weights don't matter."""
     from fpocmh_core.nets import HashModel
+
+    return state_of(HashModel.create(ds.dims, bits, hidden=(1024,)))
+
+
+def state_of(model: Any) -> Any:
+    """Version 0 of the deployed FPO-CMH ``model``, as the learner publishes it."""
     from fpocmh_core.state import ModelState
 
-    model = HashModel.create(ds.dims, bits, hidden=(1024,))
     return ModelState("fpocmh", 0, None, model.tensors(), {"arch": model.arch()})
 
 

@@ -44,27 +44,39 @@ PARAMS = ("source", "sizes", "k", "index", "bits", "probes", "flat_probes_1e8", 
 # --- code sources ---------------------------------------------------------------------------------
 
 
-def learned_base_codes(
-    bits: int = 64, cache: Path | None = None, seed: int = 0, ds: Any = None, offline: dict[str, Any] | None = None
-) -> np.ndarray:
-    """Packed codes of every image and text of ``ds`` (default: the benchmark file) from an offline FPO-CMH
-    model trained on the P1 protocol's offline part (default offline config, with ``offline``'s overrides);
-    cached in ``cache`` when given."""
-    if cache is not None and cache.is_file():
-        return np.load(cache, allow_pickle=False)
+def learned_model(bits: int = 64, seed: int = 0, ds: Any = None, offline: dict[str, Any] | None = None) -> Any:
+    """The offline FPO-CMH model the online learner starts from: trained on the P1 protocol's offline part
+    of ``ds`` (default: the benchmark file) with the default offline config and ``offline``'s overrides."""
     import dataclasses
 
     from fpocmh_core import config
     from fpocmh_core.data import load_dataset
     from fpocmh_core.offline import TrainingSet, load_offline_config, train_offline
     from fpocmh_core.protocols import P1Config, p1_split
-    from fpocmh_core.records import Modality
 
     ds = load_dataset() if ds is None else ds
     split = p1_split(ds, config.load(P1Config, "p1"))
     trainer = dataclasses.replace(load_offline_config(), **(offline or {}))
-    model = train_offline(TrainingSet.from_rows(ds, split.offline), bits, trainer, seed=seed).model
-    codes = np.concatenate([model.encode(ds.image, Modality.IMAGE), model.encode(ds.text, Modality.TEXT)])
+    return train_offline(TrainingSet.from_rows(ds, split.offline), bits, trainer, seed=seed, progress=False).model
+
+
+def model_codes(model: Any, ds: Any) -> np.ndarray:
+    """Packed codes of every image and text of ``ds`` under ``model``."""
+    from fpocmh_core.records import Modality
+
+    return np.concatenate([model.encode(ds.image, Modality.IMAGE), model.encode(ds.text, Modality.TEXT)])
+
+
+def learned_base_codes(
+    bits: int = 64, cache: Path | None = None, seed: int = 0, ds: Any = None, offline: dict[str, Any] | None = None
+) -> np.ndarray:
+    """:func:`model_codes` of :func:`learned_model`; cached in ``cache`` when given."""
+    if cache is not None and cache.is_file():
+        return np.load(cache, allow_pickle=False)
+    from fpocmh_core.data import load_dataset
+
+    ds = load_dataset() if ds is None else ds
+    codes = model_codes(learned_model(bits, seed, ds, offline), ds)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.save(cache, codes, allow_pickle=False)
