@@ -42,6 +42,24 @@ def _stream(*args: str) -> tuple[str, ...]:
     return ("bench", "stream", "--bits", "64", *args, *ONE_THREAD)
 
 
+def _query_1e7(index: str) -> tuple[str, ...]:
+    return (
+        "bench",
+        "query",
+        "--broker",
+        "kafka",
+        "--sizes",
+        "1e7",
+        "--shards",
+        "1",
+        "--index",
+        index,
+        "--codes",
+        "learned",
+        "--quiet",
+    )
+
+
 P1 = "Stream, protocol P1 (partial-modal arrivals, 10 chunks)"
 P3 = "Stream, protocol P3 (new categories in the last 5 chunks)"
 OFFLINE = "Offline model"
@@ -389,6 +407,43 @@ FULL: tuple[Entry, ...] = (
             "--quiet",
         ),
         10,
+        INDEX,
+    ),
+    Entry(
+        "index_inprocess_learned_1e8",
+        "Flat scan against multi-index hashing at 10^8 learned-statistics codes, one shard",
+        "index",
+        (
+            "bench",
+            "index",
+            "--source",
+            "learned",
+            "--sizes",
+            "1e8",
+            "--index",
+            "flat",
+            "mih",
+            "--probes",
+            "100",
+            "--quiet",
+        ),
+        25,
+        INDEX,
+    ),
+    Entry(
+        "query_kafka_learned_1e7_mih",
+        "One multi-index shard at 10^7 learned-statistics codes through Apache Kafka",
+        "query",
+        _query_1e7("mih"),
+        15,
+        INDEX,
+    ),
+    Entry(
+        "query_kafka_learned_1e7_flat",
+        "One flat-scan shard at 10^7 learned-statistics codes through Apache Kafka",
+        "query",
+        _query_1e7("flat"),
+        15,
         INDEX,
     ),
     Entry("run_p1_clean", "P1 on tansu", "run", ("run", "--quiet"), 2, RUNS),
