@@ -140,6 +140,18 @@ def apply_acls(cfg: PipelineConfig, timeout_s: float = 30.0) -> int:
     return len(bindings)
 
 
+def provision_users(cfg: PipelineConfig, timeout_s: float = 30.0) -> int:
+    """A SCRAM user per principal with the password the roles will read (:func:`login`), created or reset
+    as the admin principal, who must be able to log in already (PLAIN on the broker's internal listener in
+    the compose deployment); returns how many."""
+    from consumers.brokers.security import upsert_scram_users
+
+    passwords = {cfg.security.principals[role]: login(cfg, role)["sasl.password"] for role in cfg.security.principals}
+    admin = {"bootstrap.servers": cfg.bootstrap_servers, **cfg.kafka, **login(cfg, ADMIN)}
+    upsert_scram_users(admin, passwords, timeout_s)
+    return len(passwords)
+
+
 @contextlib.contextmanager
 def secured_broker(
     cfg: PipelineConfig, kind: str, folder: Path | None = None, **kwargs: Any

@@ -23,6 +23,7 @@ COMMANDS = {
     "serve-queries": "fpocmh.commands.serve_queries",
     "topics": "fpocmh.commands.topics",
     "broker": "fpocmh.commands.broker",
+    "secrets": "fpocmh.commands.secrets",
     "train": "fpocmh.commands.train",
     "bench": "fpocmh.commands.bench",
 }

@@ -10,6 +10,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
@@ -173,3 +174,29 @@ def test_the_acl_table_names_only_configured_topics_and_every_principal_describe
     assert {b.name for b in bindings if b.restype.name == "TOPIC"} == topics
     users = {b.principal for b in bindings}
     assert users == {f"User:{p}" for r, p in secure_cfg.security.principals.items() if r != credentials.ADMIN}
+
+
+def test_topics_provision_gives_every_principal_the_password_in_its_secret_file(secure_cfg, tmp_path):
+    """What the secured compose deployment's topics-init does: the passwords `fpocmh secrets` drew become
+    the principals' SCRAM logins (the admin's is the one it already logs in with), the ACLs are applied."""
+    from consumers.brokers.secrets_folder import write_secrets
+    from fpocmh import cli
+
+    old_folder = secure_cfg.security.credentials_dir
+    drawn = tmp_path / "secrets"
+    write_secrets(drawn, secure_cfg.security.principals, credentials.ADMIN, host="localhost")
+    admin = secure_cfg.security.principals[credentials.ADMIN]
+    (drawn / admin).write_text(Path(old_folder, admin).read_text())
+    redrawn = dataclasses.replace(
+        secure_cfg, security=dataclasses.replace(secure_cfg.security, credentials_dir=str(drawn))
+    )
+    try:
+        assert cli.main(["topics", "--provision", "--config", str(settings.dump(redrawn, tmp_path / "c.yaml"))]) == 0
+        assert try_produce(as_role(redrawn, "encoder"), "encoder", secure_cfg.topics.codes) is None
+        assert try_produce(as_role(redrawn, "client"), "query-client", secure_cfg.topics.codes) is not None
+        with pytest.raises(KafkaException):  # the password it had before no longer logs in
+            AdminClient({**secure_cfg.kafka, **credentials.login(as_role(secure_cfg, "encoder"))}).list_topics(
+                timeout=5
+            )
+    finally:
+        credentials.provision_users(secure_cfg)  # the other tests' passwords back

@@ -45,7 +45,7 @@ KEYSTORE_FILE = "broker.pem"
 VERBS = ("read", "write", "groups", "describe_groups", "transactional_ids")
 
 
-def _private(path: Path, data: bytes) -> Path:
+def write_private(path: Path, data: bytes) -> Path:
     """Write ``data`` readable by this user only (secrets: keys and passwords)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as out:
@@ -53,16 +53,16 @@ def _private(path: Path, data: bytes) -> Path:
     return path
 
 
-def make_tls(directory: Path, host: str) -> tuple[Path, Path]:
-    """A throwaway CA (``ca.pem``) and a broker key + certificate it signed (``broker.pem``, PEM keystore)
-    for ``host``, localhost and 127.0.0.1, valid for a week."""
+def make_tls(directory: Path, host: str, days: int = 7, keystore_name: str = KEYSTORE_FILE) -> tuple[Path, Path]:
+    """A throwaway CA (``ca.pem``) and a broker key + certificate it signed (``keystore_name``, a PEM
+    keystore) for ``host``, localhost and 127.0.0.1, valid for ``days``."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     now = datetime.datetime.now(datetime.UTC)
-    valid = {"not_valid_before": now - datetime.timedelta(minutes=5), "not_valid_after": now + datetime.timedelta(7)}
+    valid = {"not_valid_before": now - datetime.timedelta(minutes=5), "not_valid_after": now + datetime.timedelta(days)}
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fpocmh throwaway CA")])
     ca = (
@@ -95,15 +95,33 @@ def make_tls(directory: Path, host: str) -> tuple[Path, Path]:
     ca_path.write_bytes(ca.public_bytes(pem))
     # Kafka's PEM keystore: a PKCS#8 key, then the certificate chain.
     key_pem = key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    keystore = _private(directory / KEYSTORE_FILE, key_pem + cert.public_bytes(pem) + ca.public_bytes(pem))
+    keystore = write_private(directory / keystore_name, key_pem + cert.public_bytes(pem) + ca.public_bytes(pem))
     return ca_path, keystore
 
 
-def _plain_jaas(password: str) -> str:
-    return (
-        "org.apache.kafka.common.security.plain.PlainLoginModule required "
-        f'username="{BROKER_USER}" password="{password}" user_{BROKER_USER}="{password}";'
-    )
+def plain_login(user: str, password: str) -> str:
+    """A client's PLAIN login module (``sasl.jaas.config``)."""
+    return f'org.apache.kafka.common.security.plain.PlainLoginModule required username="{user}" password="{password}";'
+
+
+def plain_jaas(password: str, users: Mapping[str, str] | None = None) -> str:
+    """The PLAIN login module of a listener: the broker logs in with ``password``; it and ``users``
+    (name -> password) may log in."""
+    accepted = {BROKER_USER: password, **(users or {})}
+    own = plain_login(BROKER_USER, password).removesuffix(";")
+    return own + "".join(f' user_{name}="{pw}"' for name, pw in accepted.items()) + ";"
+
+
+def upsert_scram_users(admin_conf: Mapping[str, Any], passwords: Mapping[str, str], timeout_s: float = 30.0) -> None:
+    """Create or reset a SCRAM-SHA-512 user per ``passwords`` entry (user -> password), logged in with
+    ``admin_conf`` (a super user's librdkafka properties)."""
+    from confluent_kafka.admin import AdminClient, ScramCredentialInfo, ScramMechanism, UserScramCredentialUpsertion
+
+    info = ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, SCRAM_ITERATIONS)
+    upserts = [UserScramCredentialUpsertion(user, info, pw.encode()) for user, pw in passwords.items()]
+    admin = AdminClient(dict(admin_conf))
+    for future in admin.alter_user_scram_credentials(upserts, request_timeout=timeout_s).values():
+        future.result(timeout_s)
 
 
 @dataclass
@@ -136,7 +154,7 @@ class BrokerSecurity:
         self.internal_port = self.internal_port or free_port("127.0.0.1")
         internal, controller = f"127.0.0.1:{self.internal_port}", f"127.0.0.1:{controller_port}"
         self.bootstrap = f"{host}:{port}"
-        jaas = _plain_jaas(self.broker_password)
+        jaas = plain_jaas(self.broker_password)
         return {
             "listeners": f"SECURED://{host}:{port},INTERNAL://{internal},CONTROLLER://{controller}",
             "advertised.listeners": f"SECURED://{host}:{port},INTERNAL://{internal}",
@@ -177,22 +195,12 @@ class BrokerSecurity:
     def provision(self, timeout_s: float = 30.0) -> dict[str, str]:
         """A SCRAM user per principal with a fresh password, each written to ``credentials_dir/<principal>``;
         returns principal -> password (the launcher's own copy, for its admin login)."""
-        from confluent_kafka.admin import (
-            AdminClient,
-            ScramCredentialInfo,
-            ScramMechanism,
-            UserScramCredentialUpsertion,
-        )
-
         self.credentials_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.credentials_dir, 0o700)
         passwords = {user: secrets.token_urlsafe(24) for user in self.principals.values()}
-        info = ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, SCRAM_ITERATIONS)
-        upserts = [UserScramCredentialUpsertion(user, info, pw.encode()) for user, pw in passwords.items()]
-        admin = AdminClient(self.internal_client())
-        for user, future in admin.alter_user_scram_credentials(upserts, request_timeout=timeout_s).items():
-            future.result(timeout_s)
-            _private(self.credentials_dir / user, passwords[user].encode())
+        upsert_scram_users(self.internal_client(), passwords, timeout_s)
+        for user, password in passwords.items():
+            write_private(self.credentials_dir / user, password.encode())
         self._wait_for_login(passwords[self.admin], timeout_s)
         return passwords
 

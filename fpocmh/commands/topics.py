@@ -11,6 +11,12 @@ HELP = "create the pipeline's topics (codes and models compacted) and list them 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_pipeline_arguments(parser)
+    parser.add_argument(
+        "--provision",
+        action="store_true",
+        help="first create a SCRAM user per principal (passwords from the credentials folder) and the ACL "
+        "table, logged in as the admin principal (the secured compose deployment's topics-init)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -20,6 +26,13 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args)
     require_broker(cfg, "fpocmh topics")
+    if args.provision:
+        from consumers import credentials
+
+        if not cfg.security.broker_login:
+            raise ValueError("fpocmh topics --provision needs security.broker_login: true (a secured broker)")
+        users = credentials.provision_users(cfg)
+        print(f"{users} SCRAM users, {credentials.apply_acls(cfg)} ACL bindings")
     created = set(ensure_topics(cfg))
     meta = AdminClient(admin_config(cfg)).list_topics(timeout=10).topics
     for name in TOPIC_NAMES:

@@ -5,6 +5,8 @@ write into ``docs/benchmarks.md``, and a test checks that every file in ``docs/r
 ``--quick`` entries are smaller versions (one seed, fewer sizes) whose files live in ``quick/`` beside the full
 ones, so a quick check never overwrites a full result. Minutes are measured on the reference machine (2 cores,
 24 GB); ``bench all`` prints their sum before it starts.
+
+One module: it is one table, read top to bottom; its length is its entries, one argument per line.
 """
 
 from __future__ import annotations
