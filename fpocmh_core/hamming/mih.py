@@ -90,9 +90,10 @@ class _Tables:
             self._probe_cache[r] = (np.concatenate(masks), table, self.base[table])
         return self._probe_cache[r]
 
-    def candidates(self, q_keys: np.ndarray, r: int) -> tuple[np.ndarray, int]:
-        """Rows in the buckets at exactly substring radius ``r`` from the query's keys, and the buckets
-        looked up."""
+    def candidates(self, q_keys: np.ndarray, r: int, budget: int) -> tuple[np.ndarray | None, int, int]:
+        """Rows in the buckets at exactly substring radius ``r`` from the query's keys (with repeats: a row
+        close in several substrings comes from several tables), the buckets looked up and the rows' count;
+        None instead of the rows when they would pass ``budget`` (read from the offsets, before a row is)."""
         masks, table, base = self.probe_plan(r)
         buckets = base + (q_keys[table] ^ masks)
         starts = self.offsets[buckets].astype(np.int64)
@@ -100,11 +101,13 @@ class _Tables:
         nonempty = lengths > 0
         starts, lengths, table = starts[nonempty], lengths[nonempty], table[nonempty]
         total = int(lengths.sum())
+        if total > budget:
+            return None, buckets.size, total
         if total == 0:
-            return np.zeros(0, np.int64), buckets.size
+            return np.zeros(0, np.int64), buckets.size, 0
         # Positions of every entry of the non-empty buckets, table j's entries living at j * n onwards.
         shift = np.repeat(starts + table * self.n - (np.cumsum(lengths) - lengths), lengths)
-        return self.perm[shift + np.arange(total)], buckets.size
+        return self.perm[shift + np.arange(total)], buckets.size, total
 
     @property
     def nbytes(self) -> int:
@@ -169,22 +172,28 @@ class _Segment:
         pool_d = np.zeros(0, np.int32)
         limit = bound  # the distance a code must not exceed to matter
         probes = compared = 0
+        budget = int(SCAN_SHARE * self.ids.size)
+        # Each row sits in one bucket per table, so it comes back at most m times over all radii: among any
+        # k * m of the distances seen, k distinct rows lie within the largest, which bounds the k-th nearest
+        # before any repeat is removed (removing them costs a sort of everything found).
+        enough = k * t.plan.m
         r = 0
         for r in range(max(t.plan.widths) + 1):
-            rows, looked = t.candidates(q_keys, r)
+            rows, looked, count = t.candidates(q_keys, r, budget - compared)
             probes += looked
-            compared += rows.size
-            if compared > SCAN_SHARE * self.ids.size:
+            if rows is None:  # cheaper to scan than to compare this many
                 d, i = self._scan(q, q_words, k, bound)
                 return d, i, probes, compared + self.ids.size, r, True
+            compared += count
             if self.n_dead and rows.size:
                 rows = rows[self.alive_mask(rows)]
             if rows.size:
                 d = common.distances(self.words, rows, q_words)
+                if pool_d.size + d.size >= enough:
+                    limit = min(limit, int(np.partition(np.concatenate([pool_d, d]), enough - 1)[enough - 1]))
                 near = d <= limit
                 pool_rows = np.concatenate([pool_rows, rows[near]])
                 pool_d = np.concatenate([pool_d, d[near]])
-                # A code close in several substrings comes from several tables: count it once.
                 pool_rows, first = np.unique(pool_rows, return_index=True)
                 pool_d = pool_d[first]
                 if pool_rows.size >= k:
