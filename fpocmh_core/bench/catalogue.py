@@ -385,7 +385,7 @@ FULL: tuple[Entry, ...] = (
             "100",
             "--quiet",
         ),
-        6,
+        1,
         INDEX,
     ),
     Entry(
@@ -408,7 +408,7 @@ FULL: tuple[Entry, ...] = (
             "50",
             "--quiet",
         ),
-        10,
+        2,
         INDEX,
     ),
     Entry(
@@ -429,7 +429,7 @@ FULL: tuple[Entry, ...] = (
             "100",
             "--quiet",
         ),
-        25,
+        6,
         INDEX,
     ),
     Entry(
