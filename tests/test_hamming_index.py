@@ -13,7 +13,7 @@ import pytest
 
 from fpocmh_core import codes as codes_mod
 from fpocmh_core.bench.index import learned_base_codes, replicate
-from fpocmh_core.hamming import KINDS, MIHIndex, make_index, restore_index
+from fpocmh_core.hamming import KINDS, MIHIndex, make_index, mih, restore_index
 
 
 def definition(q, ids, codes, k):
@@ -171,6 +171,24 @@ def test_multi_index_hashing_looks_at_a_small_share_of_the_codes_and_says_so():
     flat.search(codes[:2], 1)
     assert (flat.last_stats.candidates == n).all() and flat.last_stats.scanned.all()
     assert flat.stats()["table_bytes"] == 0
+
+
+@pytest.mark.parametrize("source", sorted(SOURCES))
+def test_multi_index_hashing_reads_big_buckets_in_pieces_and_answers_the_same(source, monkeypatch):
+    rng = np.random.default_rng(11)
+    n = 20_000
+    ids, codes = np.sort(rng.permutation(3 * n)[:n]).astype(np.int64), SOURCES[source](rng, n, 64)
+    whole = MIHIndex(64)
+    whole.load(ids, codes)
+    q = np.concatenate([codes[:10], SOURCES[source](rng, 10, 64)])
+    want = whole.search(q, 100)
+    monkeypatch.setattr(mih, "ROW_CHUNK", 7)  # every bucket of more than 7 rows is cut, every read grouped
+    pieces = MIHIndex(64)
+    pieces.load(ids, codes)
+    got = pieces.search(q, 100)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert_exact(pieces, q, ids, codes, 100)
 
 
 def test_the_index_benchmark_reports_exact_answers_for_every_code_length(tmp_path):

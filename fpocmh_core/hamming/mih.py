@@ -25,6 +25,7 @@ rows pass a quarter is rebuilt on its own, which bounds the memory held by super
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,9 @@ MIN_TABLE_ROWS = 4096
 SCAN_SHARE = 0.25
 # New codes wait in a flat tail of up to this many before they become a segment with tables.
 TAIL_ROWS = 65536
+# Table entries read at a time: a search's temporaries stay under the 1 MB above which the query role has
+# glibc map every allocation afresh (and fault its pages in), which made whole reads 4x slower in the tail.
+ROW_CHUNK = 1 << 15
 _KEY_CHUNK = 1 << 20
 
 
@@ -90,7 +94,7 @@ class _Tables:
             self._probe_cache[r] = (np.concatenate(masks), table, self.base[table])
         return self._probe_cache[r]
 
-    def candidates(self, q_keys: np.ndarray, r: int, budget: int) -> tuple[np.ndarray | None, int, int]:
+    def candidates(self, q_keys: np.ndarray, r: int, budget: int) -> tuple[Iterator[np.ndarray] | None, int, int]:
         """Rows in the buckets at exactly substring radius ``r`` from the query's keys (with repeats: a row
         close in several substrings comes from several tables), the buckets looked up and the rows' count;
         None instead of the rows when they would pass ``budget`` (read from the offsets, before a row is)."""
@@ -99,15 +103,25 @@ class _Tables:
         starts = self.offsets[buckets].astype(np.int64)
         lengths = self.offsets[buckets + 1].astype(np.int64) - starts
         nonempty = lengths > 0
-        starts, lengths, table = starts[nonempty], lengths[nonempty], table[nonempty]
+        # Table j's entries live at j * n onwards.
+        starts, lengths = starts[nonempty] + table[nonempty] * self.n, lengths[nonempty]
         total = int(lengths.sum())
         if total > budget:
             return None, buckets.size, total
-        if total == 0:
-            return np.zeros(0, np.int64), buckets.size, 0
-        # Positions of every entry of the non-empty buckets, table j's entries living at j * n onwards.
-        shift = np.repeat(starts + table * self.n - (np.cumsum(lengths) - lengths), lengths)
-        return self.perm[shift + np.arange(total)], buckets.size, total
+        return self._rows(starts, lengths), buckets.size, total
+
+    def _rows(self, starts: np.ndarray, lengths: np.ndarray) -> Iterator[np.ndarray]:
+        """The table entries at [start, start + length) of every bucket, at most 2 * ROW_CHUNK at a time."""
+        pieces = -(-lengths // ROW_CHUNK)
+        if lengths.size and int(pieces.max()) > 1:  # a bucket longer than a chunk is read in pieces
+            bucket = np.repeat(np.arange(lengths.size), pieces)
+            within = (np.arange(bucket.size) - np.repeat(np.cumsum(pieces) - pieces, pieces)) * ROW_CHUNK
+            starts, lengths = starts[bucket] + within, np.minimum(lengths[bucket] - within, ROW_CHUNK)
+        ends = np.cumsum(lengths)
+        cuts = np.flatnonzero(np.diff((ends - lengths) // ROW_CHUNK)) + 1
+        for s, n in zip(np.split(starts, cuts), np.split(lengths, cuts), strict=True):
+            shift = np.repeat(s - (np.cumsum(n) - n), n)
+            yield self.perm[shift + np.arange(shift.size)]
 
     @property
     def nbytes(self) -> int:
@@ -179,27 +193,30 @@ class _Segment:
         enough = k * t.plan.m
         r = 0
         for r in range(max(t.plan.widths) + 1):
-            rows, looked, count = t.candidates(q_keys, r, budget - compared)
+            chunks, looked, count = t.candidates(q_keys, r, budget - compared)
             probes += looked
-            if rows is None:  # cheaper to scan than to compare this many
+            if chunks is None:  # cheaper to scan than to compare this many
                 d, i = self._scan(q, q_words, k, bound)
                 return d, i, probes, compared + self.ids.size, r, True
             compared += count
-            if self.n_dead and rows.size:
-                rows = rows[self.alive_mask(rows)]
-            if rows.size:
+            near_rows, near_d = [pool_rows], [pool_d]
+            for rows in chunks:
+                if self.n_dead:
+                    rows = rows[self.alive_mask(rows)]
                 d = common.distances(self.words, rows, q_words)
-                if pool_d.size + d.size >= enough:
-                    limit = min(limit, int(np.partition(np.concatenate([pool_d, d]), enough - 1)[enough - 1]))
+                seen = np.concatenate([*near_d, d])
+                if seen.size >= enough:
+                    limit = min(limit, int(np.partition(seen, enough - 1)[enough - 1]))
                 near = d <= limit
-                pool_rows = np.concatenate([pool_rows, rows[near]])
-                pool_d = np.concatenate([pool_d, d[near]])
-                pool_rows, first = np.unique(pool_rows, return_index=True)
-                pool_d = pool_d[first]
+                near_rows.append(rows[near])
+                near_d.append(d[near])
+            if len(near_rows) > 1:
+                pool_rows, first = np.unique(np.concatenate(near_rows), return_index=True)
+                pool_d = np.concatenate(near_d)[first]
                 if pool_rows.size >= k:
                     limit = min(limit, int(np.partition(pool_d, k - 1)[k - 1]))
-                    keep = pool_d <= limit
-                    pool_rows, pool_d = pool_rows[keep], pool_d[keep]
+                keep = pool_d <= limit
+                pool_rows, pool_d = pool_rows[keep], pool_d[keep]
             # Every code not found yet differs in >= r + 1 bits in each substring (or none is left).
             found_within = bits if r >= t.min_width else t.plan.m * (r + 1) - 1
             if found_within >= limit:
