@@ -20,6 +20,9 @@ code into a small flat *tail*; a full tail becomes a new segment, and segments o
 merged (dead rows dropped) once ``fanout`` of them exist, so each code is rebuilt about
 log_fanout(n / tail) times and at most (fanout - 1) segments per tier are searched. A segment whose dead
 rows pass a quarter is rebuilt on its own, which bounds the memory held by superseded codes.
+
+One module: the tables, the segments and the index share one layout, which their save and restore write
+and read field by field.
 """
 
 from __future__ import annotations
