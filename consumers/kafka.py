@@ -135,6 +135,22 @@ def transactions_supported(cfg: PipelineConfig) -> bool:
     return not is_tansu(cfg)
 
 
+def exactly_once(cfg: PipelineConfig) -> bool:
+    """``delivery`` resolved: ``auto`` is exactly-once where the broker has transactions."""
+    if cfg.delivery == "auto":
+        return transactions_supported(cfg)
+    return cfg.delivery == "exactly_once"
+
+
+def reader_isolation(cfg: PipelineConfig) -> str:
+    """``query.isolation_level`` resolved: ``auto`` reads committed records only where the encoder writes in
+    transactions, so a shard never serves a code from a batch that was aborted and re-coded."""
+    level = cfg.query.isolation_level
+    if level == "auto":
+        return "read_committed" if exactly_once(cfg) else "read_uncommitted"
+    return level
+
+
 def watermarks_are_exact(cfg: PipelineConfig) -> bool:
     return not is_tansu(cfg)
 

@@ -27,6 +27,7 @@ MODEL_KEY_ENV = "FPOCMH_MODEL_KEY"
 MODEL_KEY_FILE_ENV = "FPOCMH_MODEL_KEY_FILE"
 TOPIC_RESET_POLICIES = ("stop", "earliest")
 DELIVERY_MODES = ("auto", "exactly_once", "at_least_once")
+ISOLATION_LEVELS = ("auto", "read_committed", "read_uncommitted")
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,10 @@ class PipelineConfig:
                 raise config.ConfigError(f"pipeline: {name}.batch_size must be >= 1")
         if self.query.commit_every_s < 0:
             raise config.ConfigError(f"pipeline: query.commit_every_s must be >= 0, got {self.query.commit_every_s}")
+        if self.query.isolation_level not in ISOLATION_LEVELS:
+            raise config.ConfigError(
+                f"pipeline: query.isolation_level is one of {ISOLATION_LEVELS}, not {self.query.isolation_level!r}"
+            )
         if self.query.index not in INDEX_KINDS:
             raise config.ConfigError(f"pipeline: query.index is one of {INDEX_KINDS}, not {self.query.index!r}")
         if self.query.shards < 1:

@@ -131,6 +131,11 @@ def test_properties_the_roles_own_cannot_be_overridden():
         settings.load(None, ["kafka.enable.auto.commit=true"], environ={})
 
 
+def test_a_misspelt_isolation_level_is_refused_naming_the_levels():
+    with pytest.raises(ConfigError, match="read_committed"):
+        settings.load(None, ["query.isolation_level=read_comitted"], environ={})
+
+
 def test_topics_are_created_once_with_their_partitions_and_the_codes_topic_compacted(pipeline_cfg):
     assert kafka.ensure_topics(pipeline_cfg) == [], "the fixture created them; a second call creates nothing"
     admin = AdminClient(kafka.admin_config(pipeline_cfg))

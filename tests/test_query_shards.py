@@ -55,12 +55,12 @@ def model(cfg, mirflickr):
     return model_from_state(state)
 
 
-def produce_codes(cfg, model, ds, rows, session=None, version=0) -> dict[int, np.ndarray]:
+def produce_codes(cfg, model, ds, rows, session=None, version=0, producer=None) -> dict[int, np.ndarray]:
     """Text codes of dataset ``rows`` (item id = row) on the codes topic; {item: code}."""
     packed = model.encode(ds.text[rows], Modality.TEXT)
     # A session learns its offsets from the delivery reports of its writes.
     props = {"delivery.report.only.error": False, "on_delivery": session.on_delivery} if session else {}
-    producer = make_producer(cfg, "test", **props)
+    producer = producer or make_producer(cfg, "test", **props)
     for row, code in zip(rows, packed, strict=True):
         msg = schemas.CodeMessage(int(row), Modality.TEXT, code, version, (Modality.TEXT,))
         producer.produce(cfg.topics.codes, schemas.encode_code(msg), key=msg.key, headers=schemas.CODE_HEADERS)
@@ -293,3 +293,23 @@ def test_strong_consistency_sees_every_code_on_the_topic_when_the_request_is_sen
         produce_codes(cfg, model, mirflickr, np.arange(200, 260))
         answer = client.search(Query(mirflickr.image[0], Modality.IMAGE, 1000), consistency="strong")
     assert set(range(260)) == set(answer.ids[0].tolist())
+
+
+@pytest.mark.requires_kafka("transactions")
+def test_where_the_encoder_writes_in_transactions_a_shard_never_serves_a_code_of_an_aborted_batch(
+    cfg, model, mirflickr
+):
+    produce_codes(cfg, model, mirflickr, np.arange(100))
+    encoder = make_producer(cfg, "test", **{"transactional.id": "test-aborted-batch"})
+    encoder.init_transactions(30)
+    for rows, end in (
+        (np.arange(8000, 8020), encoder.abort_transaction),
+        (np.arange(9000, 9005), encoder.commit_transaction),
+    ):
+        encoder.begin_transaction()
+        produce_codes(cfg, model, mirflickr, rows, producer=encoder)
+        end(30)
+    with RoleThread(run_query, cfg), QueryClient(cfg) as client:
+        wait_for_codes(client, 105)
+        answer = client.search(Query(mirflickr.image[0], Modality.IMAGE, 1000), consistency="strong")
+    assert set(answer.ids[0].tolist()) == set(range(100)) | set(range(9000, 9005)), "the aborted batch is not served"

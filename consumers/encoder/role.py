@@ -31,7 +31,7 @@ from confluent_kafka import Consumer, Message, TopicPartition
 
 from consumers.encoder.intents import IntentLog
 from consumers.handlers import Decoded
-from consumers.kafka import make_consumer, transactions_supported
+from consumers.kafka import exactly_once, make_consumer
 from consumers.metrics import Metrics
 from consumers.models import ModelFollower, ModelVersion
 from consumers.runtime import RoleStopped, Runtime
@@ -182,13 +182,6 @@ def _run(cfg: PipelineConfig, metrics: Metrics, stop: threading.Event | None, tx
         models.close()
         if not rt.transactional:
             rt.producer.flush(cfg.flush_timeout_s)
-
-
-def exactly_once(cfg: PipelineConfig) -> bool:
-    """``delivery`` resolved: ``auto`` is exactly-once where the broker has transactions."""
-    if cfg.delivery == "auto":
-        return transactions_supported(cfg)
-    return cfg.delivery == "exactly_once"
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
-from consumers.kafka import make_consumer, make_producer, partitions_of, query_fetch_wait_ms
+from consumers.kafka import make_consumer, make_producer, partitions_of, query_fetch_wait_ms, reader_isolation
 from consumers.metrics import Metrics
 from consumers.offsets import poll_batch
 from consumers.query.shards import ShardAnswers
@@ -125,9 +125,8 @@ class QueryClient:
         return ends
 
     def _answers_consumer(self) -> Consumer:
-        q = self.cfg.query
         return make_consumer(
-            self.cfg, "query-client", None, self._fetch_wait_ms, **{"isolation.level": q.isolation_level}
+            self.cfg, "query-client", None, self._fetch_wait_ms, **{"isolation.level": reader_isolation(self.cfg)}
         )
 
     # ------------------------------------------------------------------------------------- bounds

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message, TopicPartition
 
-from consumers.kafka import make_consumer, query_fetch_wait_ms
+from consumers.kafka import make_consumer, query_fetch_wait_ms, reader_isolation
 from consumers.offsets import poll_batch
 from consumers.runtime import Runtime
 from fpocmh_core import schemas
@@ -60,7 +60,7 @@ class CodeLog:
             query_fetch_wait_ms(cfg),
             **{
                 "auto.offset.reset": "error",
-                "isolation.level": cfg.query.isolation_level,
+                "isolation.level": reader_isolation(cfg),
                 # Large fetches: a catch-up of millions of codes makes fewer round trips (100k -> 160k codes/s).
                 "max.partition.fetch.bytes": 16 << 20,
                 "fetch.max.bytes": 64 << 20,
