@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 BATCH = 20_000
 CHECKED_QUERIES = 20
 PROBES = 1000
-# tansu stops answering 4-shard requests after 700-1,400 probes in one run (README, "Query tier").
+# tansu stops answering 4-shard requests after 700-1,400 probes in one run (`git show 088051d:README.md`, "Query tier").
 TANSU_PROBES = 300
 CODE_SOURCES = ("random", "learned")
 

@@ -31,11 +31,11 @@ POM = ROOT / "deploy" / "kafka" / "pom.xml"
 LOG4J_CONFIG = ROOT / "deploy" / "kafka" / "log4j2.properties"
 INSTALL_HINT = "run `make install` (scripts/fetch_kafka.sh fetches the broker with Maven)"
 HEAP = "-Xmx512m"
-# The client JIT only (C1). Under the query benchmark the server JIT's compiler thread kept a fifth of
-# a core busy for minutes, pre-empting the shards' scans on a 2-core machine; without it the broker also
+# The client JIT only (C1). Under the query benchmark the server JIT's compiler thread kept a fifth of a
+# core busy for minutes, pre-empting the shards' scans on a 2-core machine; without it the broker also
 # moved more (produce -> consume bound 86,000-110,000 against 68,000-78,000 items/s, alternated runs;
-# README, "Query tier" and "Streaming pipeline"). A short-lived local broker rarely earns back what the
-# server JIT costs.
+# `git show 088051d:README.md`, "Query tier" and "Streaming pipeline"). A short-lived local broker rarely earns
+# back what the server JIT costs.
 JIT = "-XX:TieredStopAtLevel=1"
 
 # A single node: internal topics with one replica, groups that form at once, topics only on purpose

@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("eventual", "session", "strong"),
         default="eventual",
         help="eventual: what the stores hold now; session: at least the codes at --after; strong: at least "
-        "the codes topic's end when the request is sent (exact on Apache Kafka, see README for tansu)",
+        "the codes topic's end when the request is sent (exact on Apache Kafka, see docs/operations.md for tansu)",
     )
     parser.add_argument(
         "--after",

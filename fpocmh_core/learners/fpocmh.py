@@ -55,7 +55,7 @@ learner_codes: false, lr_schedule.start: 1, lr_schedule.decay_steps: 0`` and the
   reservoir slot, so rehearsal holds the model to the codes the database holds. The two go together: coding in
   blocks alone puts the stored codes ahead of what the model re-hashes (they were written by models
   that had just learnt their neighbours), and rehearsing them pulls the model after them. Measured in
-  the README, "Learner codes in blocks, rehearsed as stored".
+  docs/design-notes/learner-codes.md.
 - A learning-rate schedule, ``lr * start / (1 + n / decay_steps)`` at a modality's n-th step: learn
   early, when the stored codes are few and the model knows least, and settle later, so that most stored
   codes are written by a model close to the final one (which is what keeps stored and re-hashed mAP

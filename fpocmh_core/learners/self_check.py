@@ -8,7 +8,7 @@ and features, so the learner can measure that drift itself: queries of one modal
 hashed now, against the reservoir's codes of the other modality, stored versus re-hashed. On P3 (MIRFlickr,
 seed 0, offline share 0.3 and 0.05, two rehearsal weights) this estimate, taken with 1,000 queries over all
 8,192 slots, tracked the benchmark's stored minus re-hashed mAP on held-out queries within 0.001; the
-default check takes 2,048 slots and 500 queries (README, "Rehearsal weight from a self-check").
+default check takes 2,048 slots and 500 queries (docs/design-notes/self-check.md).
 
 How hard rehearsal must hold the model to the stored codes depends on the offline model: with a strong
 one the stored codes keep pace and lighter rehearsal learns new categories better; with a weak one the
