@@ -314,6 +314,39 @@ def test_a_network_at_its_maximum_weight_that_still_runs_ahead_learns_slower_and
     assert clone.weights == weights.weights and clone.lr_scales == weights.lr_scales
 
 
+def test_learner_codes_are_held_back_while_stored_codes_run_ahead_of_a_re_hash_and_written_again_within_half_the_band():
+    cfg = SelfCheckConfig(
+        every=1,
+        items=8,
+        queries=8,
+        band=0.004,
+        min_weight=1.0,
+        max_weight=0.0,
+        min_lr_scale=1.0,
+        since="new_category",
+        two_sided=False,
+        hold_codes=True,
+    )
+    weights = RehearsalWeights(cfg, weight=5.0)
+    weights.hold({IMG: -0.01, TXT: +0.006})
+    assert weights.holding == {IMG: False, TXT: True}, "only stored codes ahead of the re-hash are held"
+    weights.hold({IMG: 0.0, TXT: +0.003})
+    assert weights.holding[TXT], "between band / 2 and band nothing changes"
+    clone = RehearsalWeights(cfg, weight=5.0)
+    clone.load_meta(weights.to_meta())
+    assert clone.holding == weights.holding
+    weights.hold({IMG: 0.0, TXT: +0.001})
+    assert weights.holding[TXT] is False
+
+
+def test_a_held_modality_gets_no_learner_codes_while_the_other_keeps_its_own(ds):
+    learner = make_learner(ds, OFFLINE, learner_codes_block=4)
+    learner.weights.holding[TXT] = True
+    report = learner.learn(unimodal_stream(ds, STREAM[:8]))
+    coded = {m: {c.item_id for c in report.codes if c.modality is m} for m in MODALITIES}
+    assert coded[IMG] == {int(r) for r in STREAM[:8]} and coded[TXT] == set()
+
+
 def test_the_self_check_sees_stored_codes_fall_behind_in_the_modality_whose_codes_fell_behind(ds):
     learner = make_learner(ds, OFFLINE)
     before = stored_minus_rehashed(learner.model, learner.reservoir, items=120, queries=120)
@@ -342,7 +375,9 @@ def test_since_start_the_self_check_guards_from_the_first_arrivals_of_a_stream_w
     assert all(weight >= configured for _, weight, _ in measured.values()), "before one, it only holds tighter"
 
 
-def test_by_default_the_self_check_steers_only_after_a_new_category_and_survives_a_restart(ds):
+def test_by_default_the_self_check_measures_every_stream_but_steers_only_after_a_new_category_and_survives_a_restart(
+    ds,
+):
     has3 = ds.labels[:, 3] == 1
     # A band this wide counts any drift as keeping pace, so every check halves the weights.
     check = {"code_rehearsal.self_check.every": 8, "code_rehearsal.self_check.items": 64}
@@ -353,7 +388,10 @@ def test_by_default_the_self_check_steers_only_after_a_new_category_and_survives
     old = unimodal_stream(ds, [int(r) for r in STREAM if not has3[r]])
     for learner in learners:
         learner.learn(old[:24])
-    assert learners[0].rehearsal == {}, "no self-check before the stream brings a category"
+    before = learners[0].rehearsal
+    assert set(before) == {IMG, TXT}, "the drift is measured before the stream brings a category"
+    configured = learners[0].cfg.code_rehearsal.weight
+    assert all(w == configured and s == 1.0 for _, w, s in before.values()), "but nothing is steered by it"
     assert same(params(learners[0], TXT), params(learners[1], TXT))
     for learner in learners:
         learner.learn(unimodal_stream(ds, [next(int(r) for r in STREAM if has3[r])]))

@@ -63,10 +63,11 @@ learner_codes: false, lr_schedule.start: 1, lr_schedule.decay_steps: 0`` and the
   (15x rather than 5x): the schedule has decayed by then, and the new category would be learnt slowly.
   ``code_rehearsal.new_category_weight`` can also lighten the rehearsal from then on (off by default: it
   learns more with a strong offline model and lets stored codes fall behind with a weak one).
-- A self-check (``code_rehearsal.self_check``, learners/self_check.py): from the stream's first arrivals
-  (``since: start``; ``since: new_category`` waits for a category the stream brings), the learner measures on
-  its reservoir how far the stored codes and its model have parted (retrieval over stored codes against the
-  same items re-hashed now) and holds each network to its codes from it: lighter rehearsal while the stored
+- A self-check (``code_rehearsal.self_check``, learners/self_check.py): on every stream, from its first
+  learner codes, the learner measures on its reservoir how far the stored codes and its model have parted
+  (retrieval over stored codes against the same items re-hashed now) and reports it; from the stream's
+  first arrivals (``since: start``) or once the stream brings a category (``since: new_category``) it also
+  holds each network to its codes from it: lighter rehearsal while the stored
   codes keep pace; heavier rehearsal, then a smaller learning rate, once the model runs ahead of them. A
   strong offline model then learns with light rehearsal and a weak one, or data the defaults were not chosen
   on, keeps its codes valid, with no setting tuned per dataset.
@@ -165,8 +166,9 @@ class FpocmhLearner(OnlineLearner):
         self.rng_state = common.seeded_rng_state(cfg.seed)
         self.waiting: list[_Learnt] = []
         self.weights = RehearsalWeights(cfg.code_rehearsal.self_check, cfg.code_rehearsal.weight)
-        # Learner codes written since the last self-check.
+        # Learner codes written since the last self-check, and whether it steers yet (``since``).
         self.unchecked = 0
+        self.steered = False
 
     @property
     def bank_rows(self) -> int:
@@ -307,11 +309,12 @@ class FpocmhLearner(OnlineLearner):
 
     def _code_waiting(self) -> list[CodeRecord]:
         """Codes of the waiting views by the current model (``learner_codes``), each also put in the view's
-        reservoir slot when the reservoir rehearses stored codes (module docstring)."""
+        reservoir slot when the reservoir rehearses stored codes (module docstring); none of a modality the
+        self-check holds back (``self_check.hold_codes``)."""
         out = []
         for m in MODALITIES:
             views = [v for v in self.waiting if v.modality is m]
-            if not views:
+            if not views or self.weights.holding[m]:
                 continue
             signs = codes.sign_codes(self.model.relaxed(np.stack([v.x for v in views]), m))
             packed = codes.pack(signs)
@@ -320,18 +323,34 @@ class FpocmhLearner(OnlineLearner):
                 for v, h in zip(views, signs, strict=True):
                     if v.slot >= 0:
                         self.reservoir.replace_code(m, v.slot, v.item_id, h)
-        if self._self_checking():
-            self.unchecked += len(self.waiting)
-            check = self.cfg.code_rehearsal.self_check
-            if self.unchecked >= check.every:
-                # Before a new category the check only guards: below the configured weight, bag-of-tags P1
-                # lost 0.004 I->T (docs/design-notes/self-check.md); light rehearsal pays off for new categories.
-                floor = None if self.bank.has_new_category else self.cfg.code_rehearsal.weight
-                gaps = stored_minus_rehashed(self.model, self.reservoir, check.items, check.queries)
-                self.weights.update(gaps, floor)
-                self.unchecked = 0
+        if self.cfg.code_rehearsal.self_checked:
+            self._check(len(self.waiting))
         self.waiting = []
         return out
+
+    def _check(self, coded: int) -> None:
+        """The self-check on every stream: the drift is measured (and reported, :attr:`rehearsal`) every
+        ``every`` coded views from the start; it steers only once ``since`` allows."""
+        steering = self._self_checking()
+        if steering and not self.steered:
+            # Steering's first check comes ``every`` views after it starts, as it did before the drift was
+            # also measured on streams that never steer: the P3 tables stay what they were measured as.
+            self.unchecked, self.steered = 0, True
+        self.unchecked += coded
+        check = self.cfg.code_rehearsal.self_check
+        if self.unchecked < check.every:
+            return
+        gaps = stored_minus_rehashed(self.model, self.reservoir, check.items, check.queries)
+        if check.hold_codes:
+            self.weights.hold(gaps)
+        if steering:
+            # Before a new category the check only guards: below the configured weight, bag-of-tags P1
+            # lost 0.004 I->T (docs/design-notes/self-check.md); light rehearsal pays off for new categories.
+            floor = None if self.bank.has_new_category else self.cfg.code_rehearsal.weight
+            self.weights.update(gaps, floor)
+        else:
+            self.weights.gaps = dict(gaps)
+        self.unchecked = 0
 
     def _observe(
         self,
@@ -523,7 +542,7 @@ class FpocmhLearner(OnlineLearner):
             "feature_space": self.space,
             "window": {m.short: self.window[m] for m in MODALITIES},
             "steps": {m.short: self.steps[m] for m in MODALITIES},
-            "rehearsal": {**self.weights.to_meta(), "unchecked": self.unchecked},
+            "rehearsal": {**self.weights.to_meta(), "unchecked": self.unchecked, "steered": self.steered},
         }
         return ModelState(self.method, self.version, self.parent_version, tensors, meta)
 
@@ -553,6 +572,7 @@ class FpocmhLearner(OnlineLearner):
             "min_lr_scale": 1.0,
             "since": "new_category",
             "two_sided": False,
+            "hold_codes": False,
             **saved["code_rehearsal"]["self_check"],
         }
         saved["lr_schedule"] = {"restart_on_new_category": False, "restart_start": None, **saved["lr_schedule"]}
@@ -577,6 +597,8 @@ class FpocmhLearner(OnlineLearner):
         if "rehearsal" in state.meta:  # states from before the self-check keep the configured weight
             learner.weights.load_meta(state.meta["rehearsal"])
             learner.unchecked = int(state.meta["rehearsal"]["unchecked"])
+            # States from before the drift was measured on every stream counted only while steering.
+            learner.steered = bool(state.meta["rehearsal"].get("steered", learner._self_checking()))
         learner.version, learner.parent_version = state.version, state.parent_version
         return learner
 

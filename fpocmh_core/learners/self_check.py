@@ -39,7 +39,9 @@ class SelfCheckConfig:
     reservoir slots per modality (up to ``queries`` of them also query) and steer; ``band``: how far the
     model may run ahead of its stored codes (in mAP) before it is held tighter; ``min_weight`` and
     ``max_weight``: the range of the rehearsal weight (the configured weight is the maximum when larger);
-    ``min_lr_scale``: how far the learning rate may be scaled down once the weight is at ``max_weight``."""
+    ``min_lr_scale``: how far the learning rate may be scaled down once the weight is at ``max_weight``;
+    ``hold_codes``: on every stream, while a modality's stored codes retrieve better than its re-hash by more
+    than ``band``, its learner codes are held back (the arrival codes stand) until within ``band / 2``."""
 
     every: int
     items: int
@@ -50,6 +52,7 @@ class SelfCheckConfig:
     min_lr_scale: float
     since: str
     two_sided: bool
+    hold_codes: bool = False
 
     def __post_init__(self) -> None:
         if self.every < 0 or self.items < 1 or self.queries < 1:
@@ -105,6 +108,7 @@ class RehearsalWeights:
         self.max_weight = max(cfg.max_weight, weight)
         self.weights = dict.fromkeys(MODALITIES, weight)
         self.lr_scales = dict.fromkeys(MODALITIES, 1.0)
+        self.holding = dict.fromkeys(MODALITIES, False)
         self.gaps: dict[Modality, float] = {}
 
     def to_meta(self) -> dict[str, dict[str, float]]:
@@ -113,6 +117,7 @@ class RehearsalWeights:
             "weights": {m.short: w for m, w in self.weights.items()},
             "lr_scales": {m.short: s for m, s in self.lr_scales.items()},
             "gaps": {m.short: g for m, g in self.gaps.items()},
+            "holding": {m.short: h for m, h in self.holding.items()},
         }
 
     def load_meta(self, meta: Mapping[str, Mapping[str, float]]) -> None:
@@ -120,6 +125,16 @@ class RehearsalWeights:
         self.weights = {m: float(meta["weights"][m.short]) for m in MODALITIES}
         self.lr_scales = {m: float(meta.get("lr_scales", {}).get(m.short, 1.0)) for m in MODALITIES}
         self.gaps = {m: float(meta["gaps"][m.short]) for m in MODALITIES if m.short in meta["gaps"]}
+        self.holding = {m: bool(meta.get("holding", {}).get(m.short, False)) for m in MODALITIES}
+
+    def hold(self, gaps: Mapping[Modality, float]) -> None:
+        """Hold back a modality's learner codes while its stored codes run ahead of a re-hash by more than
+        ``band``; write them again once within ``band / 2`` (the same hysteresis as the weights)."""
+        for m, gap in gaps.items():
+            if gap > self.cfg.band:
+                self.holding[m] = True
+            elif gap < self.cfg.band / 2:
+                self.holding[m] = False
 
     def update(self, gaps: Mapping[Modality, float], floor: float | None = None) -> None:
         """Steer on one self-check's ``gaps``; a weight is let go no lower than ``floor`` (None: ``min_weight``)."""
