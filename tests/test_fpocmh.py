@@ -259,18 +259,14 @@ def test_the_lighter_rehearsal_changes_learning_only_after_a_new_category(ds):
     assert not same(), "after it, the lighter rehearsal weight reaches the image network's step"
 
 
+def check_config(**changes) -> SelfCheckConfig:
+    """A self-check on every view over 8 slots, band 0.004, weight kept within [1, configured]; ``changes`` on top."""
+    settings = {"every": 1, "items": 8, "queries": 8, "band": 0.004, "min_weight": 1.0, "max_weight": 0.0}
+    return SelfCheckConfig(**{**settings, "min_lr_scale": 1.0, "since": "start", "two_sided": False, **changes})
+
+
 def test_the_rehearsal_weight_halves_while_stored_codes_keep_pace_and_doubles_once_model_and_codes_part():
-    cfg = SelfCheckConfig(
-        every=1,
-        items=8,
-        queries=8,
-        band=0.004,
-        min_weight=0.5,
-        max_weight=0.0,
-        min_lr_scale=1.0,
-        since="start",
-        two_sided=True,
-    )
+    cfg = check_config(min_weight=0.5, two_sided=True)
     weights = RehearsalWeights(cfg, weight=5.0)
     weights.update({IMG: +0.001, TXT: -0.006})
     assert weights.weights == {IMG: 2.5, TXT: 5.0}, "the weight never exceeds the configured one"
@@ -286,17 +282,7 @@ def test_the_rehearsal_weight_halves_while_stored_codes_keep_pace_and_doubles_on
 
 
 def test_a_network_at_its_maximum_weight_that_still_runs_ahead_learns_slower_and_gets_its_rate_back_first():
-    cfg = SelfCheckConfig(
-        every=1,
-        items=8,
-        queries=8,
-        band=0.004,
-        min_weight=1.0,
-        max_weight=20.0,
-        min_lr_scale=0.25,
-        since="start",
-        two_sided=False,
-    )
+    cfg = check_config(max_weight=20.0, min_lr_scale=0.25)
     weights = RehearsalWeights(cfg, weight=5.0)
     for _ in range(2):
         weights.update({IMG: -0.01, TXT: 0.0})
@@ -315,18 +301,7 @@ def test_a_network_at_its_maximum_weight_that_still_runs_ahead_learns_slower_and
 
 
 def test_learner_codes_are_held_back_while_stored_codes_run_ahead_of_a_re_hash_and_written_again_within_half_the_band():
-    cfg = SelfCheckConfig(
-        every=1,
-        items=8,
-        queries=8,
-        band=0.004,
-        min_weight=1.0,
-        max_weight=0.0,
-        min_lr_scale=1.0,
-        since="new_category",
-        two_sided=False,
-        hold_codes=True,
-    )
+    cfg = check_config(since="new_category", hold_codes=True)
     weights = RehearsalWeights(cfg, weight=5.0)
     weights.hold({IMG: -0.01, TXT: +0.006})
     assert weights.holding == {IMG: False, TXT: True}, "only stored codes ahead of the re-hash are held"

@@ -44,6 +44,11 @@ def _stream(*args: str) -> tuple[str, ...]:
     return ("bench", "stream", "--bits", "64", *args, *ONE_THREAD)
 
 
+def _minilm(offline_share: str, *args: str) -> tuple[str, ...]:
+    """P1 with the tags' sentence embeddings as text, all labels."""
+    return _stream("--text-feature", "txt_minilm", "--offline-share", offline_share, "--label-share", "1.0", *args)
+
+
 def _query_1e7(index: str) -> tuple[str, ...]:
     return (
         "bench",
@@ -143,13 +148,8 @@ FULL: tuple[Entry, ...] = (
         "stream_p1_minilm_off030_label1_seed0",
         "P1 with sentence-embedding text (`txt_minilm`), offline share 0.3",
         "stream",
-        _stream(
-            "--text-feature",
-            "txt_minilm",
-            "--offline-share",
+        _minilm(
             "0.3",
-            "--label-share",
-            "1.0",
             "--seed",
             "0",
             "--methods",
@@ -165,13 +165,8 @@ FULL: tuple[Entry, ...] = (
         "stream_p1_minilm_off030_label1_seeds012",
         "P1 with sentence-embedding text (`txt_minilm`), offline share 0.3, three seeds",
         "stream",
-        _stream(
-            "--text-feature",
-            "txt_minilm",
-            "--offline-share",
+        _minilm(
             "0.3",
-            "--label-share",
-            "1.0",
             *SEEDS,
             "--methods",
             "frozen",
@@ -185,13 +180,8 @@ FULL: tuple[Entry, ...] = (
         "stream_p1_minilm_off030_label1_hold_seeds012",
         "P1 with `txt_minilm` text, offline share 0.3, learner codes held back while stored codes run ahead",
         "stream",
-        _stream(
-            "--text-feature",
-            "txt_minilm",
-            "--offline-share",
+        _minilm(
             "0.3",
-            "--label-share",
-            "1.0",
             *SEEDS,
             "--methods",
             "frozen",
@@ -207,13 +197,8 @@ FULL: tuple[Entry, ...] = (
         "stream_p1_minilm_off005_label1_hold_seeds012",
         "P1 with `txt_minilm` text, offline share 0.05, learner codes held back while stored codes run ahead",
         "stream",
-        _stream(
-            "--text-feature",
-            "txt_minilm",
-            "--offline-share",
+        _minilm(
             "0.05",
-            "--label-share",
-            "1.0",
             *SEEDS,
             "--methods",
             "frozen",
@@ -230,13 +215,8 @@ FULL: tuple[Entry, ...] = (
         "stream_p1_minilm_off005_label1_seed0",
         "P1 with sentence-embedding text (`txt_minilm`), offline share 0.05",
         "stream",
-        _stream(
-            "--text-feature",
-            "txt_minilm",
-            "--offline-share",
+        _minilm(
             "0.05",
-            "--label-share",
-            "1.0",
             "--seed",
             "0",
             "--methods",
