@@ -166,7 +166,7 @@ class FpocmhLearner(OnlineLearner):
         self.rng_state = common.seeded_rng_state(cfg.seed)
         self.waiting: list[_Learnt] = []
         self.weights = RehearsalWeights(cfg.code_rehearsal.self_check, cfg.code_rehearsal.weight)
-        # Learner codes written since the last self-check, and whether it steers yet (``since``).
+        # Views learnt since the last self-check, and whether it steers yet (``since``).
         self.unchecked = 0
         self.steered = False
 
@@ -328,15 +328,15 @@ class FpocmhLearner(OnlineLearner):
         self.waiting = []
         return out
 
-    def _check(self, coded: int) -> None:
+    def _check(self, learnt: int) -> None:
         """The self-check on every stream: the drift is measured (and reported, :attr:`rehearsal`) every
-        ``every`` coded views from the start; it steers only once ``since`` allows."""
+        ``every`` learnt views (coded or held back) from the start; it steers only once ``since`` allows."""
         steering = self._self_checking()
         if steering and not self.steered:
             # Steering's first check comes ``every`` views after it starts, as it did before the drift was
             # also measured on streams that never steer: the P3 tables stay what they were measured as.
             self.unchecked, self.steered = 0, True
-        self.unchecked += coded
+        self.unchecked += learnt
         check = self.cfg.code_rehearsal.self_check
         if self.unchecked < check.every:
             return
