@@ -13,7 +13,7 @@ import pytest
 
 from fpocmh_core import codes as codes_mod
 from fpocmh_core.bench.index import learned_base_codes, replicate
-from fpocmh_core.hamming import KINDS, MIHIndex, make_index, mih, restore_index
+from fpocmh_core.hamming import KINDS, MIHIndex, make_index, restore_index
 
 
 def definition(q, ids, codes, k):
@@ -174,15 +174,26 @@ def test_multi_index_hashing_looks_at_a_small_share_of_the_codes_and_says_so():
 
 
 @pytest.mark.parametrize("source", sorted(SOURCES))
-def test_multi_index_hashing_reads_big_buckets_in_pieces_and_answers_the_same(source, monkeypatch):
+def test_multi_index_hashing_keeps_every_near_row_when_they_outgrow_its_first_buffer(source):
     rng = np.random.default_rng(11)
     n = 20_000
     ids, codes = np.sort(rng.permutation(3 * n)[:n]).astype(np.int64), SOURCES[source](rng, n, 64)
     q = np.concatenate([codes[:10], SOURCES[source](rng, 10, 64)])
-    monkeypatch.setattr(mih, "ROW_CHUNK", 7)  # every bucket of more than 7 rows is cut, every read grouped
-    pieces = MIHIndex(64)
-    pieces.load(ids, codes)
-    assert_exact(pieces, q, ids, codes, 100)
+    index = MIHIndex(64)
+    index.load(ids, codes)
+    assert_exact(index, q, ids, codes, 700)  # the search starts with room for 4 k = 2,800 near rows
+
+
+def test_multi_index_hashing_stops_after_one_table_when_its_bucket_alone_holds_k_copies_of_the_query():
+    rng = np.random.default_rng(12)
+    codes = uniform(rng, 20_000, 64)
+    codes[rng.permutation(codes.shape[0])[:100]] = codes[0]
+    index = MIHIndex(64)
+    index.load(np.arange(codes.shape[0], dtype=np.int64), codes)
+    d, _ = index.search(codes[:1], 100)
+    assert (d == 0).all()
+    assert index.last_stats.candidates[0] < 2 * 100, "one table's bucket read, not all three"
+    assert_exact(index, codes[:1], np.arange(codes.shape[0], dtype=np.int64), codes, 100)
 
 
 def test_the_index_benchmark_reports_exact_answers_for_every_code_length(tmp_path):

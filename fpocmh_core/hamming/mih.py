@@ -7,13 +7,17 @@ some substring differs in at most floor(d / m) of them; so probing every table a
 k-th nearest code found is within that bound. Ties at the k-th distance are all found by then, and
 sorting by (distance, item id) gives exactly the flat scan's answer.
 
-Layout of a segment (n codes of b bits, rows sorted by item id, as the flat store keeps them):
+Layout of a segment (n codes of b bits):
 
-* ``ids`` int64 and ``codes`` uint8 (n, b/8): 8 + b/8 bytes per code, the store's own arrays;
-* per substring j, the rows sorted by their substring key (ties by row), as one packed array of
-  ceil(log2 n)-bit row numbers for all m tables (m * 27 bits = 10.1 bytes per code at 10^8, m = 3),
-  and the offsets of each key's bucket in it (2^width_j + 1 uint32 per table, 0.34 bytes per code);
+* ``codes`` uint8 (n, b/8) and ``ids`` int64, rows grouped by the first substring's key and then by the
+  others' (near codes lie near in memory, and table 0's bucket is a range of rows): 8 + b/8 bytes per code;
+* per substring j > 0, its rows sorted by key (ties by row), as one packed array of ceil(log2 n)-bit row
+  numbers for the m - 1 tables, plus the rows in id order (``by_id``, for upserts and id-ordered reads):
+  m * 27 bits = 10.1 bytes per code at 10^8, m = 3; and the offsets of each key's bucket
+  (2^width_j + 1 uint32 per table, 0.34 bytes per code);
 * a bitmap of superseded rows (1 bit per code).
+
+The search loop itself is compiled (:mod:`fpocmh_core.hamming.probe`).
 
 Updates never rewrite a table: an upsert marks the id's old row dead in its segment and puts the new
 code into a small flat *tail*; a full tail becomes a new segment, and segments of one size tier are
@@ -28,103 +32,70 @@ and read field by field.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fpocmh_core.hamming import common
+from fpocmh_core.hamming import common, probe
 from fpocmh_core.hamming.packed import PackedUInts, width_for
 from fpocmh_core.hamming.substrings import (
     SubstringPlan,
     balanced_groups,
     contiguous_groups,
-    flip_masks,
     substring_count,
 )
 
-FORMAT = "fpocmh.hamming-mih/2"
+FORMAT = "fpocmh.hamming-mih/3"
 # Below this many rows a segment is scanned: its tables would cost more than they save.
 MIN_TABLE_ROWS = 4096
-# A query whose candidates pass this share of a segment's rows scans the segment instead (same answer).
+# A query whose table entries pass this share of a segment's rows scans the segment instead (same answer).
 SCAN_SHARE = 0.25
 # New codes wait in a flat tail of up to this many before they become a segment with tables.
 TAIL_ROWS = 65536
-# Table entries read at a time: a search's temporaries stay under the 1 MB above which the query role has
-# glibc map every allocation afresh (and fault its pages in), which made whole reads 4x slower in the tail.
-ROW_CHUNK = 1 << 15
 _KEY_CHUNK = 1 << 20
 
 
 class _Tables:
-    """The m sorted tables of one segment."""
+    """The m tables of one segment. The segment's rows are grouped by their first substring's key, so
+    table 0's bucket is a range of rows; tables 1..m-1 hold the rows sorted by their key (ties by row)."""
 
     def __init__(self, plan: SubstringPlan, n: int, offsets: np.ndarray, perm: PackedUInts) -> None:
         self.plan, self.n, self.offsets, self.perm = plan, n, offsets, perm
         sizes = [(1 << w) + 1 for w in plan.widths]
         self.base = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-        self.min_width = min(plan.widths)
-        self._probe_cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.widths = np.array(plan.widths, np.int64)
+        self._masks: np.ndarray | None = None
 
     @classmethod
-    def build(cls, codes: np.ndarray, plan: SubstringPlan) -> _Tables:
-        n = codes.shape[0]
-        keys = np.empty((n, plan.m), np.uint32)
-        for start in range(0, n, _KEY_CHUNK):
-            keys[start : start + _KEY_CHUNK] = plan.keys(codes[start : start + _KEY_CHUNK])
+    def build(cls, keys: np.ndarray, plan: SubstringPlan) -> _Tables:
+        """From the (n, m) substring keys of rows already grouped by ``keys[:, 0]``."""
+        n = keys.shape[0]
         offsets = []
-        rows = np.empty(plan.m * n, np.uint32)
+        rows = np.empty((plan.m - 1) * n, np.uint32)
         row_ids = np.arange(n, dtype=np.uint64)
         for j, w in enumerate(plan.widths):
             counts = np.bincount(keys[:, j], minlength=1 << w)
             offsets.append(np.concatenate([[0], np.cumsum(counts)]))
+            if j == 0:
+                continue
             # (key, row) in one uint64 sorts by key with rows ascending inside a bucket, and numpy's
             # vectorised sort of uint64 is ~10x faster than a stable argsort of the keys.
             composite = (keys[:, j].astype(np.uint64) << np.uint64(32)) | row_ids
             composite.sort()
-            rows[j * n : (j + 1) * n] = composite & np.uint64(0xFFFFFFFF)
+            rows[(j - 1) * n : j * n] = composite & np.uint64(0xFFFFFFFF)
             del composite
-        del keys
         dtype = np.uint32 if n < 1 << 32 else np.uint64
         return cls(plan, n, np.concatenate(offsets).astype(dtype), PackedUInts.pack(rows, width_for(n)))
 
-    def probe_plan(self, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """For radius ``r`` over all tables: the flip masks, the table of each and its bucket base."""
-        if r not in self._probe_cache:
-            masks = [flip_masks(w, r) for w in self.plan.widths]
-            table = np.concatenate([np.full(m.size, j, np.int64) for j, m in enumerate(masks)])
-            self._probe_cache[r] = (np.concatenate(masks), table, self.base[table])
-        return self._probe_cache[r]
-
-    def candidates(self, q_keys: np.ndarray, r: int, budget: int) -> tuple[Iterator[np.ndarray] | None, int, int]:
-        """Rows in the buckets at exactly substring radius ``r`` from the query's keys (with repeats: a row
-        close in several substrings comes from several tables), the buckets looked up and the rows' count;
-        None instead of the rows when they would pass ``budget`` (read from the offsets, before a row is)."""
-        masks, table, base = self.probe_plan(r)
-        buckets = base + (q_keys[table] ^ masks)
-        starts = self.offsets[buckets].astype(np.int64)
-        lengths = self.offsets[buckets + 1].astype(np.int64) - starts
-        nonempty = lengths > 0
-        # Table j's entries live at j * n onwards.
-        starts, lengths = starts[nonempty] + table[nonempty] * self.n, lengths[nonempty]
-        total = int(lengths.sum())
-        if total > budget:
-            return None, buckets.size, total
-        return self._rows(starts, lengths), buckets.size, total
-
-    def _rows(self, starts: np.ndarray, lengths: np.ndarray) -> Iterator[np.ndarray]:
-        """The table entries at [start, start + length) of every bucket, at most 2 * ROW_CHUNK at a time."""
-        pieces = -(-lengths // ROW_CHUNK)
-        if lengths.size and int(pieces.max()) > 1:  # a bucket longer than a chunk is read in pieces
-            bucket = np.repeat(np.arange(lengths.size), pieces)
-            within = (np.arange(bucket.size) - np.repeat(np.cumsum(pieces) - pieces, pieces)) * ROW_CHUNK
-            starts, lengths = starts[bucket] + within, np.minimum(lengths[bucket] - within, ROW_CHUNK)
-        ends = np.cumsum(lengths)
-        cuts = np.flatnonzero(np.diff((ends - lengths) // ROW_CHUNK)) + 1
-        for s, n in zip(np.split(starts, cuts), np.split(lengths, cuts), strict=True):
-            shift = np.repeat(s - (np.cumsum(n) - n), n)
-            yield self.perm[shift + np.arange(shift.size)]
+    def word_masks(self, words: np.ndarray) -> np.ndarray:
+        """(m, words) each substring's bits in the layout of :func:`common.word_view` rows like ``words``."""
+        if self._masks is None or self._masks.dtype != words.dtype:
+            bits = np.zeros((self.plan.m, self.plan.bits), np.uint8)
+            for j, group in enumerate(self.plan.groups):
+                bits[j, list(group)] = 1
+            self._masks = common.word_view(np.packbits(bits, axis=1))
+        return self._masks
 
     @property
     def nbytes(self) -> int:
@@ -132,24 +103,38 @@ class _Tables:
 
 
 class _Segment:
-    """Rows sorted by item id, their tables (None when small: scanned instead) and a dead-row bitmap."""
+    """Rows, their tables (None when small: scanned instead) and a dead-row bitmap. A small segment's rows
+    are in id order; a tabled one's are grouped by the key of the first substring and then by the keys of
+    the others (near codes lie near in memory, and table 0 needs no row numbers), with ``by_id`` the rows
+    in id order."""
 
-    def __init__(self, ids: np.ndarray, codes: np.ndarray, tables: _Tables | None) -> None:
-        self.ids, self.codes, self.tables = ids, codes, tables
+    def __init__(
+        self, ids: np.ndarray, codes: np.ndarray, tables: _Tables | None, by_id: PackedUInts | None = None
+    ) -> None:
+        self.ids, self.codes, self.tables, self.by_id = ids, codes, tables, by_id
         self.words = common.word_view(codes)
         self.dead = np.zeros((ids.size + 7) // 8, np.uint8)
         self.n_dead = 0
 
     @classmethod
     def build(cls, ids: np.ndarray, codes: np.ndarray, substrings: int | None, assign: str) -> _Segment:
+        """From ``ids`` (sorted) and their ``codes``."""
         n = ids.size
-        tables = None
-        if n >= MIN_TABLE_ROWS:
-            bits = codes.shape[1] * 8
-            m = substrings or substring_count(bits, n)
-            plan = balanced_groups(codes, m) if assign == "balanced" else contiguous_groups(bits, m)
-            tables = _Tables.build(codes, plan)
-        return cls(ids, codes, tables)
+        if n < MIN_TABLE_ROWS:
+            return cls(ids, codes, None)
+        bits = codes.shape[1] * 8
+        m = substrings or substring_count(bits, n)
+        plan = balanced_groups(codes, m) if assign == "balanced" else contiguous_groups(bits, m)
+        keys = np.empty((n, plan.m), np.uint32)
+        for start in range(0, n, _KEY_CHUNK):
+            keys[start : start + _KEY_CHUNK] = plan.keys(codes[start : start + _KEY_CHUNK])
+        order = key_order(keys, plan.widths)
+        by_id = np.empty(n, np.int64)
+        by_id[order] = np.arange(n)
+        keys = keys[order]
+        tables = _Tables.build(keys, plan)
+        del keys
+        return cls(ids[order], np.ascontiguousarray(codes[order]), tables, PackedUInts.pack(by_id, width_for(n)))
 
     def __len__(self) -> int:
         return self.ids.size - self.n_dead
@@ -157,12 +142,30 @@ class _Segment:
     def alive_mask(self, rows: np.ndarray) -> np.ndarray:
         return ((self.dead[rows >> 3] >> (rows & 7).astype(np.uint8)) & 1) == 0
 
+    def id_rows(self) -> np.ndarray:
+        """Every row, in id order."""
+        return np.arange(self.ids.size) if self.by_id is None else self.by_id.unpack()
+
+    def find(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each of ``ids`` (int64): whether a row holds it, and that row (any row where none does)."""
+        n = self.ids.size
+        if self.by_id is None:
+            rows = np.minimum(np.searchsorted(self.ids, ids), n - 1)
+            return self.ids[rows] == ids, rows
+        # Binary search through by_id: the ids in id order are never held, only their rows.
+        lo, hi = np.zeros(ids.size, np.int64), np.full(ids.size, n, np.int64)
+        for _ in range(max(1, n.bit_length())):
+            mid = np.minimum((lo + hi) >> 1, n - 1)
+            below = self.ids[self.by_id[mid]] < ids
+            lo, hi = np.where(below, mid + 1, lo), np.where(below, hi, mid)
+        rows = self.by_id[np.minimum(lo, n - 1)]
+        return self.ids[rows] == ids, rows
+
     def kill(self, ids: np.ndarray) -> np.ndarray:
         """Mark the alive rows of ``ids`` dead; returns which of ``ids`` were alive here."""
         if not self.ids.size or not ids.size:
             return np.zeros(ids.size, bool)
-        at = np.minimum(np.searchsorted(self.ids, ids), self.ids.size - 1)
-        hit = self.ids[at] == ids
+        hit, at = self.find(ids)
         hit[hit] = self.alive_mask(at[hit])
         rows = at[hit]
         np.bitwise_or.at(self.dead, rows >> 3, (1 << (rows & 7)).astype(np.uint8))
@@ -170,79 +173,67 @@ class _Segment:
         return hit
 
     def alive_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        if not self.n_dead:
+        """(ids, codes) of the alive rows, in id order."""
+        rows = self.id_rows()
+        if self.n_dead:
+            rows = rows[self.alive_mask(rows)]
+        elif self.by_id is None:
             return self.ids, self.codes
-        keep = self.alive_mask(np.arange(self.ids.size))
-        return self.ids[keep], self.codes[keep]
+        return self.ids[rows], self.codes[rows]
 
     def search(
         self, q: np.ndarray, q_words: np.ndarray, q_keys: np.ndarray | None, k: int, bound: int
     ) -> tuple[np.ndarray, np.ndarray, int, int, int, bool]:
         """The first ``k`` alive codes by (distance, id) among those within ``bound`` bits:
         (distances, ids, buckets probed, candidates compared, radius reached, scanned)."""
-        bits = self.codes.shape[1] * 8
         t = self.tables
         if t is None or q_keys is None:
             d, i = self._scan(q, q_words, k, bound)
             return d, i, 0, self.ids.size, -1, True
-        pool_rows = np.zeros(0, np.int64)
-        pool_d = np.zeros(0, np.int32)
-        limit = bound  # the distance a code must not exceed to matter
-        probes = compared = 0
-        budget = int(SCAN_SHARE * self.ids.size)
-        # Each row sits in one bucket per table, so it comes back at most m times over all radii: among any
-        # k * m of the distances seen, k distinct rows lie within the largest, which bounds the k-th nearest
-        # before any repeat is removed (removing them costs a sort of everything found).
-        enough = k * t.plan.m
-        r = 0
-        for r in range(max(t.plan.widths) + 1):
-            chunks, looked, count = t.candidates(q_keys, r, budget - compared)
-            probes += looked
-            if chunks is None:  # cheaper to scan than to compare this many
-                d, i = self._scan(q, q_words, k, bound)
-                return d, i, probes, compared + self.ids.size, r, True
-            compared += count
-            near_rows, near_d = [pool_rows], [pool_d]
-            for rows in chunks:
-                if self.n_dead:
-                    rows = rows[self.alive_mask(rows)]
-                d = common.distances(self.words, rows, q_words)
-                seen = np.concatenate([*near_d, d])
-                if seen.size >= enough:
-                    limit = min(limit, int(np.partition(seen, enough - 1)[enough - 1]))
-                near = d <= limit
-                near_rows.append(rows[near])
-                near_d.append(d[near])
-            if len(near_rows) > 1:
-                pool_rows, first = np.unique(np.concatenate(near_rows), return_index=True)
-                pool_d = np.concatenate(near_d)[first]
-                if pool_rows.size >= k:
-                    limit = min(limit, int(np.partition(pool_d, k - 1)[k - 1]))
-                keep = pool_d <= limit
-                pool_rows, pool_d = pool_rows[keep], pool_d[keep]
-            # Every code not found yet differs in >= r + 1 bits in each substring (or none is left).
-            found_within = bits if r >= t.min_width else t.plan.m * (r + 1) - 1
-            if found_within >= limit:
-                break
-        order = np.lexsort((pool_rows, pool_d))[:k]  # rows are in id order
-        return pool_d[order], self.ids[pool_rows[order]], probes, compared, r, False
+        rows, d, probes, compared, radius, scan = probe.search_segment(
+            self.words,
+            q_words,
+            t.word_masks(self.words),
+            q_keys,
+            t.widths,
+            t.base,
+            t.offsets,
+            t.perm.words,
+            t.perm.width,
+            self.dead,
+            self.n_dead > 0,
+            k,
+            bound,
+            int(SCAN_SHARE * self.ids.size),  # past this many entries a scan is cheaper (same answer)
+        )
+        if scan:
+            d, i = self._scan(q, q_words, k, bound)
+            return d, i, probes, compared + self.ids.size, radius, True
+        ids = self.ids[rows]
+        order = np.lexsort((ids, d))[:k]
+        return d[order].astype(np.int32), ids[order], probes, compared, radius, False
 
     def _scan(self, q: np.ndarray, q_words: np.ndarray, k: int, bound: int) -> tuple[np.ndarray, np.ndarray]:
-        if not self.n_dead:
-            d, rows = common.knn_scan(self.codes, q[None], min(k, self.ids.size))
-            d, rows = d[0], rows[0]
+        k = min(k, self.ids.size)
+        if self.by_id is None and not self.n_dead:  # rows in id order: faiss keeps the earlier of a tie
+            d, rows = common.knn_scan(self.codes, q[None], k)
+            d, i = d[0], self.ids[rows[0]]
         else:
-            d = np.bitwise_count(self.words ^ q_words).sum(axis=1, dtype=np.int32)
-            d[~self.alive_mask(np.arange(self.ids.size))] = np.iinfo(np.int32).max
-            rows = np.argsort(d, kind="stable")[:k]  # stable: ties by row, i.e. by id
-            d = d[rows]
+            dist = np.bitwise_count(self.words ^ q_words).sum(axis=1, dtype=np.int32)
+            if self.n_dead:
+                dist[~self.alive_mask(np.arange(self.ids.size))] = np.iinfo(np.int32).max
+            rows = np.flatnonzero(dist <= np.partition(dist, k - 1)[k - 1])
+            d, i = dist[rows], self.ids[rows]
+            order = np.lexsort((i, d))[:k]
+            d, i = d[order], i[order]
         near = d <= bound
-        return d[near].astype(np.int32), self.ids[rows[near]]
+        return d[near].astype(np.int32), i[near]
 
     @property
     def nbytes(self) -> int:
         tables = self.tables.nbytes if self.tables is not None else 0
-        return self.ids.nbytes + self.codes.nbytes + self.dead.nbytes + tables
+        by_id = self.by_id.nbytes if self.by_id is not None else 0
+        return self.ids.nbytes + self.codes.nbytes + self.dead.nbytes + tables + by_id
 
 
 class MIHIndex:
@@ -272,6 +263,7 @@ class MIHIndex:
         self.segments: list[_Segment] = []
         self._clear_tail()
         self.last_stats = common.SearchStats.empty(0)
+        _compile(self.nbytes)
 
     def _clear_tail(self) -> None:
         self.tail_ids = np.zeros(0, np.int64)
@@ -426,7 +418,7 @@ class MIHIndex:
             arrays = {"ids": seg.ids, "codes": seg.codes, "dead": seg.dead}
             tables = None
             if seg.tables is not None:
-                arrays |= {"offsets": seg.tables.offsets, "perm": seg.tables.perm.words}
+                arrays |= {"offsets": seg.tables.offsets, "perm": seg.tables.perm.words, "by_id": seg.by_id.words}
                 tables = {"groups": [list(g) for g in seg.tables.plan.groups], "width": seg.tables.perm.width}
             for name, arr in arrays.items():
                 np.save(path / f"seg{i}.{name}.npy", arr, allow_pickle=False)
@@ -453,16 +445,21 @@ class MIHIndex:
         for i, layout in enumerate(meta["segments"]):
             ids = common.load_npy(path / f"seg{i}.ids.npy", mmap)
             codes = common.load_npy(path / f"seg{i}.codes.npy", mmap)
-            check_sorted(ids, codes, index.nbytes)
             if ids.size != layout["rows"]:
                 raise ValueError(f"{path}: segment {i} holds {ids.size} rows, its layout says {layout['rows']}")
-            tables = None
+            tables = by_id = None
             if layout["tables"] is not None:
                 plan = SubstringPlan(index.bits, tuple(tuple(g) for g in layout["tables"]["groups"]))
                 words = common.load_npy(path / f"seg{i}.perm.npy", mmap)
-                perm = PackedUInts(words, layout["tables"]["width"], plan.m * ids.size)
+                width = layout["tables"]["width"]
+                perm = PackedUInts(words, width, (plan.m - 1) * ids.size)
                 tables = _Tables(plan, ids.size, common.load_npy(path / f"seg{i}.offsets.npy", mmap), perm)
-            seg = _Segment(ids, codes, tables)
+                by_id = PackedUInts(common.load_npy(path / f"seg{i}.by_id.npy", mmap), width, ids.size)
+            seg = _Segment(ids, codes, tables, by_id)
+            rows = seg.id_rows()
+            if rows.size and int(rows.max()) >= ids.size:
+                raise ValueError(f"{path}: segment {i}'s id order names rows it does not have")
+            check_sorted(ids[rows], codes, index.nbytes)
             dead = common.load_npy(path / f"seg{i}.dead.npy", mmap)
             if dead.shape != seg.dead.shape:
                 raise ValueError(f"{path}: segment {i}'s dead-row bitmap has {dead.size} bytes, not {seg.dead.size}")
@@ -503,6 +500,38 @@ class MIHIndex:
             "bytes_held": self.nbytes_held,
             "table_bytes": self.table_bytes,
         }
+
+
+_COMPILED: set[int] = set()
+
+
+def _compile(nbytes: int) -> None:
+    """Have the search loop compiled (or its machine code loaded) for codes of ``nbytes`` now, once per
+    process: the first compile takes seconds, which a shard's first query must not wait for."""
+    if nbytes in _COMPILED:
+        return
+    _COMPILED.add(nbytes)
+    codes = np.random.default_rng(0).integers(0, 256, (MIN_TABLE_ROWS, nbytes), dtype=np.uint8)
+    seg = _Segment.build(np.arange(MIN_TABLE_ROWS, dtype=np.int64), codes, None, "contiguous")
+    seg.search(codes[0], common.word_view(codes[:1])[0], seg.tables.plan.keys(codes[:1])[0], 1, nbytes * 8)
+
+
+def key_order(keys: np.ndarray, widths: tuple[int, ...]) -> np.ndarray:
+    """Rows ordered by their substring keys, the first substring's most significant, as far as 64 bits
+    less a row number's width go (the rest of the order is by row)."""
+    n = keys.shape[0]
+    row_bits = width_for(n)
+    composite = np.zeros(n, np.uint64)
+    room = 64 - row_bits
+    for j, w in enumerate(widths):
+        take = min(w, room)
+        if take <= 0:
+            break
+        room -= take
+        composite |= (keys[:, j].astype(np.uint64) >> np.uint64(w - take)) << np.uint64(room + row_bits)
+    composite |= np.arange(n, dtype=np.uint64)
+    composite.sort()
+    return (composite & np.uint64((1 << row_bits) - 1)).astype(np.int64)
 
 
 def last_wins_checked(ids: np.ndarray, codes: np.ndarray, nbytes: int) -> tuple[np.ndarray, np.ndarray]:
