@@ -14,6 +14,7 @@ import torch
 from fpocmh_core import codes, evaluation
 from fpocmh_core.bank import MODALITIES, AnchorBank
 from fpocmh_core.data import CrossModalDataset
+from fpocmh_core.learners.base import LearnReport
 from fpocmh_core.learners.fpocmh import FpocmhLearner, load_config
 from fpocmh_core.learners.self_check import RehearsalWeights, SelfCheckConfig, stored_minus_rehashed
 from fpocmh_core.nets import HashModel
@@ -301,7 +302,7 @@ def test_a_network_at_its_maximum_weight_that_still_runs_ahead_learns_slower_and
 
 
 def test_learner_codes_are_held_back_while_stored_codes_run_ahead_of_a_re_hash_and_written_again_within_half_the_band():
-    cfg = check_config(since="new_category", hold_codes=True)
+    cfg = check_config(since="new_category", hold_codes="always")
     weights = RehearsalWeights(cfg, weight=5.0)
     weights.hold({IMG: -0.01, TXT: +0.006})
     assert weights.holding == {IMG: False, TXT: True}, "only stored codes ahead of the re-hash are held"
@@ -315,11 +316,28 @@ def test_learner_codes_are_held_back_while_stored_codes_run_ahead_of_a_re_hash_a
 
 
 def test_a_held_modality_gets_no_learner_codes_while_the_other_keeps_its_own(ds):
-    learner = make_learner(ds, OFFLINE, learner_codes_block=4)
+    learner = make_learner(ds, OFFLINE, learner_codes_block=4, **{"code_rehearsal.self_check.hold_codes": "always"})
     learner.weights.holding[TXT] = True
     report = learner.learn(unimodal_stream(ds, STREAM[:8]))
     coded = {m: {c.item_id for c in report.codes if c.modality is m} for m in MODALITIES}
     assert coded[IMG] == {int(r) for r in STREAM[:8]} and coded[TXT] == set()
+
+
+def test_holding_before_a_new_category_writes_held_learner_codes_again_once_the_stream_brings_one(ds):
+    has3 = ds.labels[:, 3] == 1
+    hold = {"code_rehearsal.self_check.hold_codes": "before_new_category"}
+    learner = make_learner(ds, OFFLINE[~has3[OFFLINE]], mu=2, learner_codes_block=2, **hold)
+    learner.weights.holding[TXT] = True
+    old = [int(r) for r in STREAM if not has3[r]]
+
+    def texts(report: LearnReport) -> set[int]:
+        return {c.item_id for c in report.codes if c.modality is TXT}
+
+    assert texts(learner.learn(unimodal_stream(ds, old[:4]))) == set(), "held while the bank has no new category"
+    new = next(int(r) for r in STREAM if has3[r])
+    report = learner.learn(unimodal_stream(ds, [new, *old[4:6]]))
+    assert learner.bank.has_new_category and learner.weights.holding[TXT]
+    assert texts(report) == {new, *old[4:6]}, "once it has one, the held modality's codes are written again"
 
 
 def test_the_self_check_sees_stored_codes_fall_behind_in_the_modality_whose_codes_fell_behind(ds):

@@ -188,6 +188,14 @@ class FpocmhLearner(OnlineLearner):
         rehearsal = self.cfg.code_rehearsal
         return rehearsal.self_checked and (rehearsal.self_check.since == "start" or self.bank.has_new_category)
 
+    def _holding_codes(self) -> bool:
+        hold = self.cfg.code_rehearsal.self_check.hold_codes
+        return hold == "always" or (hold == "before_new_category" and not self.bank.has_new_category)
+
+    def _holds(self, m: Modality) -> bool:
+        """Whether modality ``m``'s learner codes are held back now (``self_check.hold_codes``)."""
+        return self._holding_codes() and self.weights.holding[m]
+
     def _lr_scale(self, m: Modality) -> float:
         return self.weights.lr_scales[m] if self._self_checking() else 1.0
 
@@ -314,7 +322,7 @@ class FpocmhLearner(OnlineLearner):
         out = []
         for m in MODALITIES:
             views = [v for v in self.waiting if v.modality is m]
-            if not views or self.weights.holding[m]:
+            if not views or self._holds(m):
                 continue
             signs = codes.sign_codes(self.model.relaxed(np.stack([v.x for v in views]), m))
             packed = codes.pack(signs)
@@ -341,7 +349,7 @@ class FpocmhLearner(OnlineLearner):
         if self.unchecked < check.every:
             return
         gaps = stored_minus_rehashed(self.model, self.reservoir, check.items, check.queries)
-        if check.hold_codes:
+        if self._holding_codes():
             self.weights.hold(gaps)
         if steering:
             # Before a new category the check only guards: below the configured weight, bag-of-tags P1
@@ -572,7 +580,7 @@ class FpocmhLearner(OnlineLearner):
             "min_lr_scale": 1.0,
             "since": "new_category",
             "two_sided": False,
-            "hold_codes": False,
+            "hold_codes": "never",
             **saved["code_rehearsal"]["self_check"],
         }
         saved["lr_schedule"] = {"restart_on_new_category": False, "restart_start": None, **saved["lr_schedule"]}

@@ -30,6 +30,7 @@ from fpocmh_core.nets import HashModel
 from fpocmh_core.records import Modality
 
 SINCE = ("start", "new_category")
+HOLD = ("never", "always", "before_new_category")
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,10 @@ class SelfCheckConfig:
     model may run ahead of its stored codes (in mAP) before it is held tighter; ``min_weight`` and
     ``max_weight``: the range of the rehearsal weight (the configured weight is the maximum when larger);
     ``min_lr_scale``: how far the learning rate may be scaled down once the weight is at ``max_weight``;
-    ``hold_codes``: on every stream, while a modality's stored codes retrieve better than its re-hash by more
-    than ``band``, its learner codes are held back (the arrival codes stand) until within ``band / 2``."""
+    ``hold_codes``: while a modality's stored codes retrieve better than its re-hash by more than ``band``, its
+    learner codes are held back (the arrival codes stand) until within ``band / 2``: ``never``, ``always``, or
+    ``before_new_category`` (until the bank holds a category the offline part lacked); ``true`` and ``false``
+    read as ``always`` and ``never``."""
 
     every: int
     items: int
@@ -52,9 +55,11 @@ class SelfCheckConfig:
     min_lr_scale: float
     since: str
     two_sided: bool
-    hold_codes: bool = False
+    hold_codes: str = "never"
 
     def __post_init__(self) -> None:
+        if isinstance(self.hold_codes, bool):  # configs and states from before it had three values
+            object.__setattr__(self, "hold_codes", "always" if self.hold_codes else "never")
         if self.every < 0 or self.items < 1 or self.queries < 1:
             raise config.ConfigError("fpocmh: code_rehearsal.self_check needs every >= 0, items >= 1 and queries >= 1")
         if self.band <= 0 or self.min_weight < 0:
@@ -63,6 +68,8 @@ class SelfCheckConfig:
             raise config.ConfigError("fpocmh: code_rehearsal.self_check.min_lr_scale must be in (0, 1]")
         if self.since not in SINCE:
             raise config.ConfigError(f"fpocmh: code_rehearsal.self_check.since must be one of {', '.join(SINCE)}")
+        if self.hold_codes not in HOLD:
+            raise config.ConfigError(f"fpocmh: code_rehearsal.self_check.hold_codes must be one of {', '.join(HOLD)}")
 
 
 def stored_minus_rehashed(
