@@ -190,23 +190,28 @@ class _Segment:
         if t is None or q_keys is None:
             d, i = self._scan(q, q_words, k, bound)
             return d, i, 0, self.ids.size, -1, True
-        rows, d, probes, compared, radius, scan = probe.search_segment(
-            self.words,
-            q_words,
-            t.word_masks(self.words),
-            q_keys,
-            t.widths,
-            t.base,
-            t.offsets,
-            t.perm.words,
-            t.perm.width,
-            self.dead,
-            self.n_dead > 0,
-            k,
-            bound,
-            int(SCAN_SHARE * self.ids.size),  # past this many entries a scan is cheaper (same answer)
-        )
-        if scan:
+        room = max(1024, 4 * k)
+        status = probe.FULL
+        while status == probe.FULL:
+            rows, d, probes, compared, radius, status = probe.search_segment(
+                self.words,
+                q_words,
+                t.word_masks(self.words),
+                q_keys,
+                t.widths,
+                t.base,
+                t.offsets,
+                t.perm.words,
+                t.perm.width,
+                self.dead,
+                self.n_dead > 0,
+                k,
+                bound,
+                int(SCAN_SHARE * self.ids.size),  # past this many entries a scan is cheaper (same answer)
+                room,
+            )
+            room *= 4
+        if status == probe.SCAN:
             d, i = self._scan(q, q_words, k, bound)
             return d, i, probes, compared + self.ids.size, radius, True
         ids = self.ids[rows]
@@ -214,16 +219,15 @@ class _Segment:
         return d[order].astype(np.int32), ids[order], probes, compared, radius, False
 
     def _scan(self, q: np.ndarray, q_words: np.ndarray, k: int, bound: int) -> tuple[np.ndarray, np.ndarray]:
-        k = min(k, self.ids.size)
         if self.by_id is None and not self.n_dead:  # rows in id order: faiss keeps the earlier of a tie
-            d, rows = common.knn_scan(self.codes, q[None], k)
+            d, rows = common.knn_scan(self.codes, q[None], min(k, self.ids.size))
             d, i = d[0], self.ids[rows[0]]
         else:
-            dist = np.bitwise_count(self.words ^ q_words).sum(axis=1, dtype=np.int32)
-            if self.n_dead:
-                dist[~self.alive_mask(np.arange(self.ids.size))] = np.iinfo(np.int32).max
-            rows = np.flatnonzero(dist <= np.partition(dist, k - 1)[k - 1])
-            d, i = dist[rows], self.ids[rows]
+            room, status = max(1024, 4 * k), probe.FULL
+            while status == probe.FULL:
+                rows, d, status = probe.scan_segment(self.words, q_words, self.dead, self.n_dead > 0, k, bound, room)
+                room *= 4
+            i = self.ids[rows]
             order = np.lexsort((i, d))[:k]
             d, i = d[order], i[order]
         near = d <= bound
@@ -513,7 +517,9 @@ def _compile(nbytes: int) -> None:
     _COMPILED.add(nbytes)
     codes = np.random.default_rng(0).integers(0, 256, (MIN_TABLE_ROWS, nbytes), dtype=np.uint8)
     seg = _Segment.build(np.arange(MIN_TABLE_ROWS, dtype=np.int64), codes, None, "contiguous")
-    seg.search(codes[0], common.word_view(codes[:1])[0], seg.tables.plan.keys(codes[:1])[0], 1, nbytes * 8)
+    words = common.word_view(codes[:1])[0]
+    seg.search(codes[0], words, seg.tables.plan.keys(codes[:1])[0], 1, nbytes * 8)
+    seg._scan(codes[0], words, 1, nbytes * 8)  # the fallback of a query whose buckets hold too much
 
 
 def key_order(keys: np.ndarray, widths: tuple[int, ...]) -> np.ndarray:

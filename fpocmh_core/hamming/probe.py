@@ -27,6 +27,9 @@ _M2 = np.uint64(0x3333333333333333)
 _M4 = np.uint64(0x0F0F0F0F0F0F0F0F)
 _H01 = np.uint64(0x0101010101010101)
 _BATCH = 256  # table entries whose codes are loaded before any is compared
+# What a search returns besides its rows: it answered, its entries passed the budget (scan instead), or
+# more rows tied within the limit than it had room for (search again with more room).
+DONE, SCAN, FULL = 0, 1, 2
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -70,10 +73,12 @@ def search_segment(
     k: int,
     bound: int,
     budget: int,
-) -> tuple[np.ndarray, np.ndarray, int, int, int, bool]:
+    room: int,
+) -> tuple[np.ndarray, np.ndarray, int, int, int, int]:
     """Rows of one segment's k nearest alive codes within ``bound`` bits (and every row tied with the
-    k-th), their distances, buckets probed, entries read, radius reached and whether the entries to read
-    passed ``budget`` first (the caller then scans; the rows are empty).
+    k-th), their distances, buckets probed, entries read, radius reached and :data:`DONE`; or no rows and
+    :data:`SCAN` once the entries to read pass ``budget``, :data:`FULL` once more than ``room`` rows lie
+    within the k-th distance found.
 
     ``codes`` (n, words) and ``query`` (words,) are words of one unsigned type
     (:func:`~fpocmh_core.hamming.common.word_view`); ``masks`` (m, words) the bits of each substring in
@@ -86,10 +91,8 @@ def search_segment(
     hist = np.zeros(widths.sum() + 1, np.int64)
     limit = bound
     held = 0  # rows kept at a distance <= limit
-    cap = max(1024, 4 * k)
-    rows = np.empty(cap, np.int64)
-    dist = np.empty(cap, np.int64)
-    kept = 0
+    # Fixed buffers: an array reassigned inside the loop costs its reference counting on every entry (60x).
+    rows, dist, kept = np.empty(room, np.int64), np.empty(room, np.int64), 0
     probes = 0
     read = 0
     counts = np.zeros(m, np.int64)
@@ -102,6 +105,8 @@ def search_segment(
     done = False
     while r <= min_width and not done:
         buckets = _combinations(widths.max(), r)
+        if read + m * buckets > budget:  # a bucket looked up costs about what an entry read does
+            return rows[:0], dist[:0], probes, read, r, SCAN
         first = np.empty((m, buckets), np.int64)
         last = np.empty((m, buckets), np.int64)
         sizes = np.zeros(m, np.int64)
@@ -126,7 +131,7 @@ def search_segment(
         for p in range(m):
             j = order[p]
             if read + counts[j] > budget:
-                return rows[:0], dist[:0], probes, read + counts[j], r, True
+                return rows[:0], dist[:0], probes, read + counts[j], r, SCAN
             read += counts[j]
             at = 0
             e = first[j, 0] if sizes[j] else 0
@@ -173,20 +178,9 @@ def search_segment(
                             seen = True
                     if seen:
                         continue
-                    if kept == cap:
-                        kept = _compact(rows, dist, kept, limit)
-                        if kept * 2 > cap:
-                            cap *= 2
-                            rows = _grown(rows, cap)
-                            dist = _grown(dist, cap)
-                    rows[kept] = batch[i]
-                    dist[kept] = d
-                    kept += 1
-                    hist[d] += 1
-                    held += 1
-                    while limit > 0 and held - hist[limit] >= k:
-                        held -= hist[limit]
-                        limit -= 1
+                    kept, held, limit = _keep(rows, dist, kept, hist, held, limit, k, batch[i], d)
+                    if kept < 0:
+                        return rows[:0], dist[:0], probes, read, r, FULL
             # Unseen codes differ in >= m r + p + 1 bits; once a table is searched to its full width, none is left.
             if limit < m * r + p + 1 or r == widths[j]:
                 done = True
@@ -194,7 +188,7 @@ def search_segment(
         if not done:
             r += 1
     kept = _compact(rows, dist, kept, limit)
-    return rows[:kept].copy(), dist[:kept].copy(), probes, read, r, False
+    return rows[:kept].copy(), dist[:kept].copy(), probes, read, r, DONE
 
 
 @numba.njit(cache=True, nogil=True)
@@ -206,6 +200,60 @@ def _combinations(w: int, r: int) -> int:
 
 
 @numba.njit(cache=True, nogil=True)
+def scan_segment(
+    codes: np.ndarray, query: np.ndarray, dead: np.ndarray, has_dead: bool, k: int, bound: int, room: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The rows and distances :func:`search_segment` finds, and :data:`DONE` or :data:`FULL`, by reading
+    every row."""
+    n, n_words = codes.shape
+    hist = np.zeros(n_words * codes.itemsize * 8 + 1, np.int64)
+    rows, dist, kept = np.empty(room, np.int64), np.empty(room, np.int64), 0
+    limit = bound
+    held = 0
+    for row in range(n):
+        if has_dead and (dead[row >> 3] >> (row & 7)) & 1:
+            continue
+        d = 0
+        for w in range(n_words):
+            d += _popcount(np.uint64(codes[row, w] ^ query[w]))
+        if d <= limit:
+            kept, held, limit = _keep(rows, dist, kept, hist, held, limit, k, row, d)
+            if kept < 0:
+                return rows[:0], dist[:0], FULL
+    kept = _compact(rows, dist, kept, limit)
+    return rows[:kept].copy(), dist[:kept].copy(), DONE
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _keep(
+    rows: np.ndarray,
+    dist: np.ndarray,
+    kept: int,
+    hist: np.ndarray,
+    held: int,
+    limit: int,
+    k: int,
+    row: int,
+    d: int,
+) -> tuple[int, int, int]:
+    """Keep ``row`` at distance ``d`` (<= ``limit``) and lower the limit to the k-th kept distance:
+    (kept, held, limit) after it, kept -1 when over half the room stays taken; ``held`` counts the kept rows
+    within the limit."""
+    if kept == rows.size:
+        kept = _compact(rows, dist, kept, limit)
+        if kept * 2 > rows.size:  # compacting again soon would make every keep cost the buffer
+            return -1, held, limit
+    rows[kept] = row
+    dist[kept] = d
+    hist[d] += 1
+    held += 1
+    while limit > 0 and held - hist[limit] >= k:
+        held -= hist[limit]
+        limit -= 1
+    return kept + 1, held, limit
+
+
+@numba.njit(cache=True, nogil=True)
 def _compact(rows: np.ndarray, dist: np.ndarray, kept: int, limit: int) -> int:
     out = 0
     for i in range(kept):
@@ -213,11 +261,4 @@ def _compact(rows: np.ndarray, dist: np.ndarray, kept: int, limit: int) -> int:
             rows[out] = rows[i]
             dist[out] = dist[i]
             out += 1
-    return out
-
-
-@numba.njit(cache=True, nogil=True)
-def _grown(a: np.ndarray, cap: int) -> np.ndarray:
-    out = np.empty(cap, a.dtype)
-    out[: a.size] = a
     return out
