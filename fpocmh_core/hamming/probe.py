@@ -107,22 +107,12 @@ def search_segment(
         buckets = _combinations(widths.max(), r)
         if read + m * buckets > budget:  # a bucket looked up costs about what an entry read does
             return rows[:0], dist[:0], probes, read, r, SCAN
-        first = np.empty((m, buckets), np.int64)
-        last = np.empty((m, buckets), np.int64)
-        sizes = np.zeros(m, np.int64)
         for j in range(m):
             counts[j] = 0
             v = (1 << r) - 1
             while v < (1 << widths[j]):
                 b = base[j] + (np.int64(q_keys[j]) ^ v)
-                lo, hi = np.int64(offsets[b]), np.int64(offsets[b + 1])
-                if hi > lo:
-                    # Table 0's entries are the rows; table j's row numbers start at (j - 1) n in perm.
-                    shift = np.int64(j - 1) * n if j else np.int64(0)
-                    first[j, sizes[j]] = lo + shift
-                    last[j, sizes[j]] = hi + shift
-                    sizes[j] += 1
-                    counts[j] += hi - lo
+                counts[j] += np.int64(offsets[b + 1]) - np.int64(offsets[b])
                 probes += 1
                 v = _next_mask(v) if r else 1 << widths[j]
         order = np.argsort(counts, kind="mergesort")
@@ -133,17 +123,21 @@ def search_segment(
             if read + counts[j] > budget:
                 return rows[:0], dist[:0], probes, read + counts[j], r, SCAN
             read += counts[j]
-            at = 0
-            e = first[j, 0] if sizes[j] else 0
+            # Table 0's entries are the rows; table j's row numbers start at (j - 1) n in perm.
+            shift = np.int64(j - 1) * n if j else np.int64(0)
+            v = (1 << r) - 1
+            e = hi = np.int64(0)
             while True:
                 # Row numbers first, then their codes, then the arithmetic: loads that no branch waits on
                 # overlap, which a row-by-row loop (a cache miss per row at 10^7 codes) never lets them do.
                 filled = 0
-                while filled < _BATCH and at < sizes[j]:
-                    if e == last[j, at]:
-                        at += 1
-                        if at < sizes[j]:
-                            e = first[j, at]
+                while filled < _BATCH:
+                    if e == hi:  # the next bucket at radius r
+                        if v >= (1 << widths[j]):
+                            break
+                        b = base[j] + (np.int64(q_keys[j]) ^ v)
+                        e, hi = np.int64(offsets[b]) + shift, np.int64(offsets[b + 1]) + shift
+                        v = _next_mask(v) if r else 1 << widths[j]
                         continue
                     row = _entry(perm, perm_width, e) if j else e
                     e += 1
