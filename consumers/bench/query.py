@@ -106,6 +106,7 @@ def bytes_per_code(ids: np.ndarray, codes: np.ndarray, index: str) -> float:
 
     order = np.random.default_rng(1).permutation(ids.size)
     shuffled_ids, shuffled_codes = ids[order], codes[order]
+    make_index(index, codes.shape[1] * 8)  # what the kind costs once per process (mih: its compiled search)
     gc.collect()
     before = rss_bytes()
     store = make_index(index, codes.shape[1] * 8)
