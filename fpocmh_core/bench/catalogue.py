@@ -177,8 +177,8 @@ FULL: tuple[Entry, ...] = (
         P1,
     ),
     Entry(
-        "stream_p1_minilm_off030_label1_hold_seeds012",
-        "P1 with `txt_minilm` text, offline share 0.3, learner codes held back while stored codes run ahead",
+        "stream_p1_minilm_off030_label1_never_seeds012",
+        "P1 with `txt_minilm` text, offline share 0.3, learner codes never held back",
         "stream",
         _minilm(
             "0.3",
@@ -188,14 +188,14 @@ FULL: tuple[Entry, ...] = (
             "naive",
             "fpocmh",
             "--fpocmh-set",
-            "code_rehearsal.self_check.hold_codes=true",
+            "code_rehearsal.self_check.hold_codes=never",
         ),
         7,
         P1,
     ),
     Entry(
         "stream_p1_minilm_off005_label1_hold_seeds012",
-        "P1 with `txt_minilm` text, offline share 0.05, learner codes held back while stored codes run ahead",
+        "P1 with `txt_minilm` text, offline share 0.05, three seeds, learner codes always held back when ahead",
         "stream",
         _minilm(
             "0.05",
