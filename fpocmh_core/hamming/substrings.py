@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cache
 
 import numpy as np
 
@@ -102,19 +101,3 @@ def balanced_groups(codes: np.ndarray, m: int, seed: int = 0) -> SubstringPlan:
         groups[best].append(int(b))
         held[best] += entropy[b]
     return SubstringPlan(bits, tuple(tuple(sorted(g)) for g in groups))
-
-
-@cache
-def flip_masks(width: int, radius: int) -> np.ndarray:
-    """Every ``width``-bit key with exactly ``radius`` bits set (uint32): XORed into a query's key they
-    give the buckets at exactly that distance."""
-    if radius > width:
-        return np.zeros(0, np.uint32)
-    masks = np.zeros(1, np.uint32)
-    # All masks with r bits set, built one bit at a time from the highest bit already set.
-    for _ in range(radius):
-        top = np.where(masks == 0, -1, np.floor(np.log2(np.maximum(masks, 1))).astype(np.int64))
-        new = [masks[top < b] | np.uint32(1 << b) for b in range(width)]
-        masks = np.concatenate(new) if new else masks[:0]
-    masks.setflags(write=False)
-    return masks
