@@ -1,5 +1,5 @@
 """What every Hamming index here shares: the (distance, item id) order, last-write-wins batches, the
-distance kernel and the per-query statistics a search leaves behind."""
+faiss scan and the per-query statistics a search leaves behind."""
 
 from __future__ import annotations
 
@@ -37,22 +37,6 @@ def word_view(codes: np.ndarray) -> np.ndarray:
     nbytes = codes.shape[1]
     word = next(w for w in (8, 4, 2, 1) if nbytes % w == 0)
     return np.ascontiguousarray(codes).view(f"<u{word}")
-
-
-def distances(words: np.ndarray, rows: np.ndarray, q_words: np.ndarray) -> np.ndarray:
-    """Hamming distances (int32) between the codes at ``rows`` and one query, both as :func:`word_view`.
-
-    A word column at a time from the flat array (``np.take``): 2.7x faster than gathering whole rows and
-    summing across them, on 600,000 random rows of 10^7 64-bit codes."""
-    width = words.shape[1]
-    flat = words.reshape(-1)
-    if width == 1:
-        return np.bitwise_count(np.take(flat, rows) ^ q_words[0]).astype(np.int32)
-    out = np.zeros(rows.size, np.int32)
-    at = rows * width
-    for j in range(width):
-        out += np.bitwise_count(np.take(flat, at + j) ^ q_words[j])
-    return out
 
 
 def knn_scan(codes: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
