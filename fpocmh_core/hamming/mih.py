@@ -32,6 +32,7 @@ and read field by field.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -190,10 +191,9 @@ class _Segment:
         if t is None or q_keys is None:
             d, i = self._scan(q, q_words, k, bound)
             return d, i, 0, self.ids.size, -1, True
-        room = max(1024, 4 * k)
-        status = probe.FULL
-        while status == probe.FULL:
-            rows, d, probes, compared, radius, status = probe.search_segment(
+        rows, d, probes, compared, radius, status = _with_room(
+            k,
+            lambda room: probe.search_segment(
                 self.words,
                 q_words,
                 t.word_masks(self.words),
@@ -209,8 +209,8 @@ class _Segment:
                 bound,
                 int(SCAN_SHARE * self.ids.size),  # past this many entries a scan is cheaper (same answer)
                 room,
-            )
-            room *= 4
+            ),
+        )
         if status == probe.SCAN:
             d, i = self._scan(q, q_words, k, bound)
             return d, i, probes, compared + self.ids.size, radius, True
@@ -223,10 +223,9 @@ class _Segment:
             d, rows = common.knn_scan(self.codes, q[None], min(k, self.ids.size))
             d, i = d[0], self.ids[rows[0]]
         else:
-            room, status = max(1024, 4 * k), probe.FULL
-            while status == probe.FULL:
-                rows, d, status = probe.scan_segment(self.words, q_words, self.dead, self.n_dead > 0, k, bound, room)
-                room *= 4
+            rows, d, _ = _with_room(
+                k, lambda room: probe.scan_segment(self.words, q_words, self.dead, self.n_dead > 0, k, bound, room)
+            )
             i = self.ids[rows]
             order = np.lexsort((i, d))[:k]
             d, i = d[order], i[order]
@@ -238,6 +237,17 @@ class _Segment:
         tables = self.tables.nbytes if self.tables is not None else 0
         by_id = self.by_id.nbytes if self.by_id is not None else 0
         return self.ids.nbytes + self.codes.nbytes + self.dead.nbytes + tables + by_id
+
+
+def _with_room(k: int, search: Callable[[int], tuple]) -> tuple:
+    """``search(room)``'s answer, run again with 4x the room while more rows tied than it had room for
+    (its last item :data:`~fpocmh_core.hamming.probe.FULL`)."""
+    room = max(1024, 4 * k)
+    while True:
+        out = search(room)
+        if out[-1] != probe.FULL:
+            return out
+        room *= 4
 
 
 class MIHIndex:
