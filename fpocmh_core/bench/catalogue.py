@@ -450,10 +450,10 @@ FULL: tuple[Entry, ...] = (
             "flat",
             "mih",
             "--probes",
-            "50",
+            "1000",
             "--quiet",
         ),
-        2,
+        3,
         INDEX,
     ),
     Entry(
