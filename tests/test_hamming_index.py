@@ -14,6 +14,7 @@ import pytest
 from fpocmh_core import codes as codes_mod
 from fpocmh_core.bench.index import learned_base_codes, replicate
 from fpocmh_core.hamming import KINDS, MIHIndex, make_index, restore_index
+from fpocmh_core.hamming.substrings import balanced_groups
 
 
 def definition(q, ids, codes, k):
@@ -194,6 +195,19 @@ def test_multi_index_hashing_stops_after_one_table_when_its_bucket_alone_holds_k
     assert (d == 0).all()
     assert index.last_stats.candidates[0] < 2 * 100, "one table's bucket read, not all three"
     assert_exact(index, codes[:1], np.arange(codes.shape[0], dtype=np.int64), codes, 100)
+
+
+@pytest.mark.parametrize("bits", [16, 24, 64, 128])
+def test_a_substring_key_holds_its_bits_in_order_whichever_bits_a_plan_gives_it(bits):
+    rng = np.random.default_rng(bits)
+    codes = uniform(rng, 2_000, bits)
+    for m in range(max(1, -(-bits // 32)), 7):
+        plan = balanced_groups(codes, m)
+        bit_matrix = np.unpackbits(codes, axis=1).astype(np.uint64)
+        expected = np.stack(
+            [(bit_matrix[:, list(g)] << np.arange(len(g), dtype=np.uint64)).sum(axis=1) for g in plan.groups], axis=1
+        )
+        assert np.array_equal(plan.keys(codes), expected), f"{bits} bits, {m} substrings"
 
 
 def test_the_index_benchmark_reports_exact_answers_for_every_code_length(tmp_path):

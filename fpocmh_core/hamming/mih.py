@@ -183,12 +183,12 @@ class _Segment:
         return self.ids[rows], self.codes[rows]
 
     def search(
-        self, q: np.ndarray, q_words: np.ndarray, q_keys: np.ndarray | None, k: int, bound: int
+        self, q: np.ndarray, q_words: np.ndarray, k: int, bound: int
     ) -> tuple[np.ndarray, np.ndarray, int, int, int, bool]:
         """The first ``k`` alive codes by (distance, id) among those within ``bound`` bits:
         (distances, ids, buckets probed, candidates compared, radius reached, scanned)."""
         t = self.tables
-        if t is None or q_keys is None:
+        if t is None:
             d, i = self._scan(q, q_words, k, bound)
             return d, i, 0, self.ids.size, -1, True
         rows, d, probes, compared, radius, status = _with_room(
@@ -197,7 +197,8 @@ class _Segment:
                 self.words,
                 q_words,
                 t.word_masks(self.words),
-                q_keys,
+                q,
+                t.plan.byte_keys,
                 t.widths,
                 t.base,
                 t.offsets,
@@ -384,16 +385,15 @@ class MIHIndex:
         if k <= 0 or n == 0:
             return np.zeros((n, 0), np.int32), np.zeros((n, 0), np.int64)
         q_words = common.word_view(q)
-        keys = [s.tables.plan.keys(q) if s.tables is not None else None for s in self.segments]
         out_d = np.empty((n, k), np.int32)
         out_i = np.empty((n, k), np.int64)
         for row in range(n):
-            d, i = self._search_one(row, q, q_words, keys, k, stats)
+            d, i = self._search_one(row, q, q_words, k, stats)
             out_d[row], out_i[row] = d, i
         return out_d, out_i
 
     def _search_one(
-        self, row: int, q: np.ndarray, q_words: np.ndarray, keys: list, k: int, stats: common.SearchStats
+        self, row: int, q: np.ndarray, q_words: np.ndarray, k: int, stats: common.SearchStats
     ) -> tuple[np.ndarray, np.ndarray]:
         dist, ids = [np.zeros(0, np.int32)], [np.zeros(0, np.int64)]
         bound = self.bits
@@ -402,13 +402,11 @@ class MIHIndex:
             dist.append(d[0])
             ids.append(self.tail_ids[rows[0]])
             stats.candidates[row] += self.tail_ids.size
-        for seg, seg_keys in zip(self.segments, keys, strict=True):
+        for seg in self.segments:
             found = np.concatenate(dist)
             if found.size >= k:
                 bound = min(bound, int(np.partition(found, k - 1)[k - 1]))
-            d, i, probes, compared, radius, scanned = seg.search(
-                q[row], q_words[row], None if seg_keys is None else seg_keys[row], k, bound
-            )
+            d, i, probes, compared, radius, scanned = seg.search(q[row], q_words[row], k, bound)
             dist.append(d)
             ids.append(i)
             stats.probes[row] += probes
@@ -528,7 +526,7 @@ def _compile(nbytes: int) -> None:
     codes = np.random.default_rng(0).integers(0, 256, (MIN_TABLE_ROWS, nbytes), dtype=np.uint8)
     seg = _Segment.build(np.arange(MIN_TABLE_ROWS, dtype=np.int64), codes, None, "contiguous")
     words = common.word_view(codes[:1])[0]
-    seg.search(codes[0], words, seg.tables.plan.keys(codes[:1])[0], 1, nbytes * 8)
+    seg.search(codes[0], words, 1, nbytes * 8)
     seg._scan(codes[0], words, 1, nbytes * 8)  # the fallback of a query whose buckets hold too much
 
 

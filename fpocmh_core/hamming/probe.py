@@ -88,7 +88,8 @@ def search_segment(
     codes: np.ndarray,
     query: np.ndarray,
     masks: np.ndarray,
-    q_keys: np.ndarray,
+    q_bytes: np.ndarray,
+    byte_keys: np.ndarray,
     widths: np.ndarray,
     base: np.ndarray,
     offsets: np.ndarray,
@@ -108,12 +109,17 @@ def search_segment(
 
     ``codes`` (n, words) and ``query`` (words,) are words of one unsigned type
     (:func:`~fpocmh_core.hamming.common.word_view`); ``masks`` (m, words) the bits of each substring in
-    them; ``q_keys`` (m,) the query's substring keys; table j's bucket of key x spans entries
-    ``offsets[base[j] + x]`` to ``offsets[base[j] + x + 1]`` of table j: rows themselves for table 0 (rows
-    are grouped by its key), and from entry ``(j - 1) n`` of the packed row numbers ``perm`` for the others;
-    ``dead`` is the bitmap of superseded rows."""
+    them; ``q_bytes`` the query's bytes and ``byte_keys`` (bytes, 256, m) what each byte value puts into
+    each substring key (:attr:`~fpocmh_core.hamming.substrings.SubstringPlan.byte_keys`); table j's bucket
+    of key x spans entries ``offsets[base[j] + x]`` to ``offsets[base[j] + x + 1]`` of table j: rows
+    themselves for table 0 (rows are grouped by its key), and from entry ``(j - 1) n`` of the packed row
+    numbers ``perm`` for the others; ``dead`` is the bitmap of superseded rows."""
     n, n_words = codes.shape
     m = widths.size
+    q_keys = np.zeros(m, np.uint32)
+    for p in range(q_bytes.size):
+        for j in range(m):
+            q_keys[j] |= byte_keys[p, q_bytes[p], j]
     hist = np.zeros(widths.sum() + 1, np.int64)
     limit = bound
     held = 0  # rows kept at a distance <= limit

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -44,15 +45,26 @@ class SubstringPlan:
     def m(self) -> int:
         return len(self.groups)
 
+    @cached_property
+    def byte_keys(self) -> np.ndarray:
+        """(bits/8, 256, m) uint32: what byte p of a code holding value v puts into each key. A key is the OR
+        of its bytes' parts: one lookup per byte instead of unpacking the code's bits, which a query pays
+        for every segment it searches."""
+        nbytes = self.bits // 8
+        values = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1)  # (256, 8), MSB first
+        out = np.zeros((nbytes, 256, self.m), np.uint32)
+        for j, group in enumerate(self.groups):
+            for t, bit in enumerate(group):
+                out[bit // 8, :, j] |= values[:, bit % 8].astype(np.uint32) << np.uint32(t)
+        return out
+
     def keys(self, codes: np.ndarray) -> np.ndarray:
         """(n, m) uint32 substring keys of packed codes (n, bits/8)."""
-        bits = np.unpackbits(np.atleast_2d(codes), axis=1)
-        out = np.empty((bits.shape[0], self.m), np.uint32)
-        for j, group in enumerate(self.groups):
-            packed = np.packbits(bits[:, group], axis=1, bitorder="little")
-            padded = np.zeros((bits.shape[0], 4), np.uint8)
-            padded[:, : packed.shape[1]] = packed
-            out[:, j] = padded.view("<u4")[:, 0]
+        codes = np.atleast_2d(codes)
+        parts = self.byte_keys
+        out = parts[0, codes[:, 0]]
+        for p in range(1, codes.shape[1]):
+            out |= parts[p, codes[:, p]]
         return out
 
 
