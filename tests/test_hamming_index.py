@@ -201,9 +201,9 @@ def test_multi_index_hashing_stops_after_one_table_when_its_bucket_alone_holds_k
 def test_a_substring_key_holds_its_bits_in_order_whichever_bits_a_plan_gives_it(bits):
     rng = np.random.default_rng(bits)
     codes = uniform(rng, 2_000, bits)
+    bit_matrix = np.unpackbits(codes, axis=1).astype(np.uint64)
     for m in range(max(1, -(-bits // 32)), 7):
         plan = balanced_groups(codes, m)
-        bit_matrix = np.unpackbits(codes, axis=1).astype(np.uint64)
         expected = np.stack(
             [(bit_matrix[:, list(g)] << np.arange(len(g), dtype=np.uint64)).sum(axis=1) for g in plan.groups], axis=1
         )
