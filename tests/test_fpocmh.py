@@ -448,6 +448,18 @@ def test_rehearsal_keeps_the_initial_anchors_codes(ds):
     assert agreement[10.0] > agreement[0.0] + 0.05
 
 
+def test_without_online_dropout_a_network_with_dropout_learns_as_one_without_it(ds):
+    """``online_dropout: false`` steps the network that codes, not a dropout sample of it."""
+    stream = unimodal_stream(ds, STREAM[:40])
+    learnt = {}
+    for dropout, online in ((0.0, True), (0.5, False), (0.5, True)):
+        learner = make_learner(ds, OFFLINE, dropout=dropout, online_dropout=online)
+        learner.learn(stream)
+        learnt[dropout, online] = params(learner, Modality.TEXT)
+    assert same(learnt[0.5, False], learnt[0.0, True], atol=1e-6)
+    assert not same(learnt[0.5, True], learnt[0.0, True], atol=1e-6)
+
+
 def test_gamma_weighs_the_rehearsal_loss(ds):
     losses = {}
     for gamma in (1.0, 3.0):

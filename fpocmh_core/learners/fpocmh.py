@@ -448,7 +448,7 @@ class FpocmhLearner(OnlineLearner):
             if self.replay or self.cfg.code_rehearsal.stream:
                 replay_x, replay_codes = self._replay_batch(m)
                 blocks.append(replay_x)
-        net.train()
+        net.train(self.cfg.online_dropout)
         out = net(torch.from_numpy(np.concatenate(blocks).astype(np.float32, copy=False)))
         net.eval()
         loss = torch.zeros(())
@@ -565,6 +565,7 @@ class FpocmhLearner(OnlineLearner):
             "pairwise": {"weight": 0.0, "intra": 0.0, "scale": 1.0, "sample": 1},
             "learner_codes": False,
             "learner_codes_block": 0,
+            "online_dropout": True,
             **state.meta["config"],
         }
         saved["reservoir"] = {"codes": "arrival", **saved["reservoir"]}

@@ -127,6 +127,8 @@ class FpocmhConfig:
     learner_codes: bool
     # Learnt views wait until this many wait, then all are coded (0: each batch's views after the batch).
     learner_codes_block: int
+    # Online steps with the networks' dropout on (true) or off (false); offline training always uses it.
+    online_dropout: bool
     optimizer: common.OptimizerConfig
     offline: dict[str, Any]
 
