@@ -213,6 +213,20 @@ class Metrics:
             ["shard", "modality"],
             registry=registry,
         )
+        self.query_hash_duration = Histogram(
+            "fpocmh_query_hash_seconds",
+            "Seconds one request spent hashing its query features in the shard",
+            ["shard"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.query_index_duration = Histogram(
+            "fpocmh_query_index_search_seconds",
+            "Seconds one request spent searching the shard's index with its hashed queries",
+            ["shard"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.query_index_probes = Histogram(
             "fpocmh_query_index_probes",
             "Hash-table buckets one query looked up in the shard's index (0 for the flat scan)",

@@ -49,6 +49,20 @@ def test_a_v2_result_carries_its_shard_and_the_offsets_it_reflects():
     assert (whole.shard, whole.shard_count, whole.offsets) == (None, 1, ())
 
 
+def test_a_v3_result_says_how_much_of_its_search_was_hashing_and_a_v2_one_reads_as_none():
+    ids, dist = rng.integers(0, 1000, (1, 3)), rng.integers(0, 64, (1, 3)).astype(np.int32)
+    res = schemas.QueryResult("c", "ok", ids, dist, 3, (4, 5), 0.004, "", 0, 2, ((0, 7),), hash_seconds=0.001)
+    back = schemas.decode_result(*schemas.encode_result(res))
+    assert (back.search_seconds, back.hash_seconds) == (pytest.approx(0.004), pytest.approx(0.001))
+    head = struct.pack("<Bqqqfhh", 0, 3, 4, 5, 0.004, 0, 2)
+    arrays = schemas.encode_array(ids.astype(np.int32)) + schemas.encode_array(dist.astype(np.uint8))
+    offsets = schemas.encode_array(np.array([[0, 7]], np.int64))  # (partition, next offset) pairs
+    v2 = schemas.decode_result(
+        head + b"\x01\x00c\x00\x00" + arrays + offsets, schemas.schema_headers(schemas.RESULT, 2)
+    )
+    assert (v2.hash_seconds, v2.offsets, v2.shard) == (0.0, ((0, 7),), 0)
+
+
 def test_a_v1_result_means_the_whole_store():
     head = struct.pack("<Bqqqf", 0, 2, 10, 20, 0.5)
     arrays = schemas.encode_array(np.array([[3, 1]], np.int32)) + schemas.encode_array(np.array([[0, 2]], np.uint8))

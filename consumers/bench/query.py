@@ -267,6 +267,7 @@ def probe(
     times = {n: [[] for _ in range(repeats)] for n in order}
     bare_times = {n: [[] for _ in range(repeats)] for n in order}
     searched: dict[int, list[float]] = {n: [] for n in order}
+    hashed: dict[int, list[float]] = {n: [] for n in order}
     lost = dict.fromkeys(order, 0)
     with ExitStack() as stack:
         clients = {n: stack.enter_context(QueryClient(layouts[n])) for n in order}
@@ -282,6 +283,7 @@ def probe(
                     lost[n] += 1
                 else:
                     searched[n].append(answer.search_seconds)
+                    hashed[n].append(answer.hash_seconds)
                 times[n][r].append(time.perf_counter() - start)
                 bare_times[n][r].append(bare.round_trip(n, q_codes[i % len(q_codes)]))
     measured = {}
@@ -298,13 +300,19 @@ def probe(
             "bare_p99_ms": bare_best[1],
             # hashing + search in the slowest shard, median and p99 over all probes: the rest of a round
             # trip is the broker and the clients
-            "search_ms": float(1e3 * np.median(searched[n])),
-            "search_p99_ms": float(1e3 * np.percentile(searched[n], 99)),
+            **percentile_ms("search", searched[n]),
+            # of it, hashing the query and the index search alone
+            **percentile_ms("hash", hashed[n]),
+            **percentile_ms("index", np.subtract(searched[n], hashed[n])),
             "merge_equal": equal[n],
             # round trips without every shard's answer within query.client_timeout_s
             "answers_lost": lost[n],
         }
     return measured
+
+
+def percentile_ms(name: str, seconds: Any) -> dict[str, float]:
+    return {f"{name}_ms": float(1e3 * np.median(seconds)), f"{name}_p99_ms": float(1e3 * np.percentile(seconds, 99))}
 
 
 def merged_equal(client: Any, q_features: np.ndarray, expected: tuple[np.ndarray, np.ndarray]) -> bool:
@@ -445,7 +453,8 @@ def run(args: argparse.Namespace) -> int:
                 rounds.append({"codes": size, "shards": shards, "index": cfg.query.index, "source": args.codes, **m})
                 print(
                     f"  {shards} shard(s): p50 {m['p50_ms']:.1f} ms, p99 {m['p99_ms']:.1f} ms, "
-                    f"search {m['search_ms']:.1f} ms, bare scans p50 {m['bare_p50_ms']:.1f} / p99 "
+                    f"search {m['search_ms']:.1f} ms (index {m['index_ms']:.1f}, hashing {m['hash_ms']:.1f}), "
+                    f"bare scans p50 {m['bare_p50_ms']:.1f} / p99 "
                     f"{m['bare_p99_ms']:.1f} ms, ready {m['ready_s']:.1f} s after start, "
                     f"{m['answers_lost']} answers lost, merge equal {m['merge_equal']}",
                     flush=True,
@@ -478,6 +487,8 @@ def run(args: argparse.Namespace) -> int:
         "p99_ms",
         "search_ms",
         "search_p99_ms",
+        "index_p99_ms",
+        "hash_p99_ms",
         "bare_p50_ms",
         "bare_p99_ms",
         "ready_s",

@@ -231,17 +231,20 @@ class QueryService:
             if missing:
                 at = ", ".join(f"partition {p}: {self.codes.next[p]} < {o}" for p, o in sorted(missing.items()))
                 return self._result(req, "behind", empty, empty, 0.0, f"store not up to the bound ({at})")
+        if not n:
+            return self._result(req, "ok", empty, empty, 0.0)
         start = time.perf_counter()
-        if n:
-            packed = self.model.encode(np.asarray(req.features, dtype=np.float32), req.modality)
-            dist, ids = self.store.search(packed, req.target, req.k)
-            self._observe_search(self.store.modal[req.target].last_stats)
-        else:
-            dist, ids = empty, empty
-        return self._result(req, "ok", ids, dist, time.perf_counter() - start)
+        packed = self.model.encode(np.asarray(req.features, dtype=np.float32), req.modality)
+        hashed = time.perf_counter()
+        dist, ids = self.store.search(packed, req.target, req.k)
+        searched = time.perf_counter()
+        self._observe_search(self.store.modal[req.target].last_stats, hashed - start, searched - hashed)
+        return self._result(req, "ok", ids, dist, searched - start, hash_seconds=hashed - start)
 
-    def _observe_search(self, stats: SearchStats) -> None:
-        """Why a query was slow: the buckets it probed and the codes it compared, per query."""
+    def _observe_search(self, stats: SearchStats, hash_s: float, index_s: float) -> None:
+        """Why a query was slow: hashing or the index, the buckets it probed and the codes it compared."""
+        self.rt.metrics.query_hash_duration.labels(self.shard.tag).observe(hash_s)
+        self.rt.metrics.query_index_duration.labels(self.shard.tag).observe(index_s)
         probes = self.rt.metrics.query_index_probes.labels(self.shard.tag)
         candidates = self.rt.metrics.query_index_candidates.labels(self.shard.tag)
         for p, c in zip(stats.probes.tolist(), stats.candidates.tolist(), strict=True):
@@ -249,7 +252,14 @@ class QueryService:
             candidates.observe(c)
 
     def _result(
-        self, req: schemas.QueryRequest, status: str, ids: np.ndarray, dist: np.ndarray, seconds: float, error: str = ""
+        self,
+        req: schemas.QueryRequest,
+        status: str,
+        ids: np.ndarray,
+        dist: np.ndarray,
+        seconds: float,
+        error: str = "",
+        hash_seconds: float = 0.0,
     ) -> schemas.QueryResult:
         return schemas.QueryResult(
             req.correlation_id,
@@ -263,6 +273,7 @@ class QueryService:
             self.shard.result_shard,
             self.shard.count,
             self.codes.offsets(),
+            hash_seconds,
         )
 
     def close(self) -> None:

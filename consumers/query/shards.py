@@ -124,6 +124,7 @@ class ShardAnswers:
         dist, ids = merge_topk([(r.distances, r.ids) for r in ok], k, n)
         offsets = tuple(sorted(o for r in results for o in r.offsets))
         counts = tuple(int(sum(r.store_codes[m] for r in results)) for m in (0, 1))
+        slowest = max(results, key=lambda r: r.search_seconds)
         return replace(
             first,
             status=status,
@@ -131,7 +132,8 @@ class ShardAnswers:
             distances=dist,
             model_version=max(r.model_version for r in results),
             store_codes=counts,
-            search_seconds=max(r.search_seconds for r in results),
+            search_seconds=slowest.search_seconds,
+            hash_seconds=slowest.hash_seconds,
             error="; ".join(errors),
             shard=None,
             shard_count=self.expected,

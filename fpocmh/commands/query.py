@@ -146,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
     ms = 1e3 * result.search_seconds
     print(
         f"model version {result.model_version}; store (img, txt) {result.store_codes} over {result.shard_count} "
-        f"shard(s); search {ms:.2f} ms; reflects offsets {dict(result.offsets)}"
+        f"shard(s); search {ms:.2f} ms ({1e3 * result.hash_seconds:.2f} of them hashing); "
+        f"reflects offsets {dict(result.offsets)}"
     )
     if result.status == "partial":
         print(f"PARTIAL answer: {result.error}")

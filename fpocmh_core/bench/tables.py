@@ -45,6 +45,13 @@ def ms(value: float | None) -> str:
     return "" if value is None else f"{value:.1f}"
 
 
+def ms_pair(row: Row, name: str) -> str:
+    """``<name>_ms`` / ``<name>_p99_ms`` of ``row``, or nothing where its benchmark did not measure them."""
+    if row.get(f"{name}_ms") is None:
+        return ""
+    return f"{ms(row[f'{name}_ms'])} / {ms(row[f'{name}_p99_ms'])}"
+
+
 def seconds(value: float | None) -> str:
     return "" if value is None else f"{value:.2f}"
 
@@ -175,6 +182,8 @@ def query(doc: Row) -> list[str]:
         "p99 ms",
         "search p50 ms",
         "search p99 ms",
+        "of it index p50 / p99 ms",
+        "of it hashing p50 / p99 ms",
         "bare p99 ms",
         "merged == one store",
         "answers lost",
@@ -188,6 +197,8 @@ def query(doc: Row) -> list[str]:
             ms(r["p99_ms"]),
             ms(r.get("search_ms")),
             ms(r.get("search_p99_ms")),
+            ms_pair(r, "index"),
+            ms_pair(r, "hash"),
             ms(r.get("bare_p99_ms")),
             "yes" if r.get("merge_equal") else "no",
             str(r.get("answers_lost", "")),

@@ -107,10 +107,12 @@ _RESULT_V1 = struct.Struct("<Bqqqf")  # status, model version, image codes, text
 # v2 adds the answering shard (-1: the whole store) and the shard count, then (after the arrays) the
 # next offset per codes partition that the answering store reflects.
 _RESULT_V2 = struct.Struct("<Bqqqfhh")
+# v3 adds the seconds of the search spent hashing the query's features (the rest is the index search).
+_RESULT_V3 = struct.Struct("<Bqqqfhhf")
 # "behind": the store had not applied the request's consistency bound within its wait; "partial": a
 # client's merge of shard answers that lacks some shards (never on the wire).
 RESULT_STATUSES = ("ok", "not_ready", "bad_request", "behind", "partial")
-RESULT_HEADERS = schema_headers(RESULT, 2)
+RESULT_HEADERS = schema_headers(RESULT, 3)
 
 
 @dataclass(frozen=True, eq=False)
@@ -126,17 +128,19 @@ class QueryResult:
     shard: int | None = None  # None: the answer covers the whole store (every v1 answer does)
     shard_count: int = 1
     offsets: Offsets = ()  # what the answer reflects: next offset per codes partition of the store
+    hash_seconds: float = 0.0  # of search_seconds, hashing the query's features (0 before v3)
 
 
 def encode_result(res: QueryResult) -> tuple[bytes, list[tuple[str, bytes]]]:
     shard = -1 if res.shard is None else res.shard
-    head = _RESULT_V2.pack(
+    head = _RESULT_V3.pack(
         RESULT_STATUSES.index(res.status),
         res.model_version,
         *res.store_codes,
         res.search_seconds,
         shard,
         res.shard_count,
+        res.hash_seconds,
     )
     ids = np.asarray(res.ids, dtype=np.int64)
     # Item ids and distances mostly fit in 32 and 8 bits; the dtype code tells the reader what came.
@@ -154,7 +158,8 @@ def encode_result(res: QueryResult) -> tuple[bytes, list[tuple[str, bytes]]]:
 
 
 def _decode_result_fields(body: bytes, head: struct.Struct) -> tuple[QueryResult, int]:
-    status, version, n_img, n_txt, seconds, *shard = _unpack(head, body, RESULT)
+    status, version, n_img, n_txt, seconds, *rest = _unpack(head, body, RESULT)
+    shard, hashing = rest[:2], (rest[2:] or [0.0])[0]
     if status >= len(RESULT_STATUSES):
         raise SchemaError("decode", f"unknown result status {status}")
     correlation_id, pos = _decode_str(body, head.size)
@@ -177,6 +182,7 @@ def _decode_result_fields(body: bytes, head: struct.Struct) -> tuple[QueryResult
         error,
         None if index < 0 else index,
         count,
+        hash_seconds=hashing,
     )
     return result, pos
 
@@ -208,4 +214,5 @@ _QUERY_DECODERS = {
 _RESULT_DECODERS = {
     1: guard(_fields_then_offsets(_decode_result_fields, _RESULT_V1)),
     2: guard(_fields_then_offsets(_decode_result_fields, _RESULT_V2, "offsets")),
+    3: guard(_fields_then_offsets(_decode_result_fields, _RESULT_V3, "offsets")),
 }
