@@ -191,6 +191,8 @@ def test_a_multi_index_shard_restarted_from_its_snapshot_answers_what_one_flat_s
         probed = samples("fpocmh_query_index_probes_count", tag)
         probes = samples("fpocmh_query_index_probes_sum", tag)
         compared = samples("fpocmh_query_index_candidates_sum", tag)
+        hashed = samples("fpocmh_query_hash_seconds_count", tag)
+        searched = samples("fpocmh_query_index_search_seconds_count", tag)
     finally:
         svc.close()
         models.close()
@@ -203,6 +205,8 @@ def test_a_multi_index_shard_restarted_from_its_snapshot_answers_what_one_flat_s
     assert kind == 1 and table_bytes > 0, "the restarted shard holds the tables"
     assert probed == 2 * len(queries), "one observation per query"
     assert probes > 0 and compared > 0, "the tables were probed"
+    assert hashed == searched == len(answers), "hashing and index search timed apart, once per request"
+    assert all(0 < a.hash_seconds < a.search_seconds for a in answers.values())
 
 
 def test_session_consistency_sees_a_code_written_just_before_the_request(cfg, model, mirflickr):
