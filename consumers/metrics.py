@@ -26,9 +26,9 @@ DEAD_LETTER_REASONS = ("schema", "decode", "shape", "invalid", "oversize", "proc
 METRICS_ADDR_ENV = "FPOCMH_METRICS_ADDR"
 # Up to a minute: a learner batch or a replayed batch of queries on a busy machine takes seconds, and
 # a quantile above the last finite bucket would only show that bucket's bound.
-# Finer below 2 ms, where a shard's hashing and index search live and the index's target is.
-SEARCH_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Finer below 2 ms, where a shard's hashing and index search lie (and the index's 2 ms target).
+SEARCH_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0)
 # Decades up to 10^8: codes compared per query run from a few (multi-index hashing) to every code (a scan).
 COUNT_BUCKETS = (1, 10, 100, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8)
 
