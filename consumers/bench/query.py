@@ -24,6 +24,9 @@ the bare processes of step 4 always scan.
    scanning processes too (:mod:`consumers.bench.scan_floor`, no broker between): their p50/p99 are the
    floor this host sets at the same moments. The merged answers of the first queries are compared with
    one in-process store's.
+
+One module: its steps share one run's topics, snapshots and shard processes, and read top to bottom as
+the run goes.
 """
 
 from __future__ import annotations
