@@ -315,7 +315,9 @@ def probe(
 
 
 def percentile_ms(name: str, seconds: Any) -> dict[str, float]:
-    return {f"{name}_ms": float(1e3 * np.median(seconds)), f"{name}_p99_ms": float(1e3 * np.percentile(seconds, 99))}
+    """``<name>_ms`` and ``<name>_p99_ms``: the median and p99 of ``seconds``, in ms."""
+    p50, p99 = round_percentiles([seconds])[0]
+    return {f"{name}_ms": p50, f"{name}_p99_ms": p99}
 
 
 def merged_equal(client: Any, q_features: np.ndarray, expected: tuple[np.ndarray, np.ndarray]) -> bool:
