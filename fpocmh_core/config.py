@@ -92,7 +92,13 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        return _coerce(next(a for a in args if a is not type(None)), value, where)
+        errors = []
+        for member in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(member, value, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
     if origin is tuple:
         (inner, *_rest) = typing.get_args(tp)
         if not isinstance(value, list | tuple):

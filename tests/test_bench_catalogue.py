@@ -13,7 +13,7 @@ import pytest
 
 from fpocmh.cli import build_parser
 from fpocmh.commands.bench_all import command
-from fpocmh_core.bench import catalogue, tables
+from fpocmh_core.bench import arms, catalogue, tables
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
@@ -29,6 +29,12 @@ def test_every_catalogue_command_is_one_the_cli_accepts(entry, tmp_path):
     where = argparse.Namespace(results=tmp_path, images=tmp_path / "img")
     args = build_parser().parse_args(command(entry, where)[3:])  # after "python -m fpocmh"
     assert args.json == tmp_path / f"{entry.name}.json"
+
+
+@pytest.mark.parametrize("entry", [e for e in catalogue.ENTRIES if e.kind == "stream"], ids=lambda e: e.name)
+def test_every_stream_entry_sets_only_settings_its_configs_accept(entry, tmp_path):
+    where = argparse.Namespace(results=tmp_path, images=tmp_path / "img")
+    arms.check_overrides(build_parser().parse_args(command(entry, where)[3:]))
 
 
 def test_entry_names_are_unique_and_every_section_is_shown():

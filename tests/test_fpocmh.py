@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fpocmh_core import codes, evaluation
+from fpocmh_core import codes, config, evaluation
 from fpocmh_core.bank import MODALITIES, AnchorBank
 from fpocmh_core.data import CrossModalDataset
 from fpocmh_core.learners.base import LearnReport
@@ -313,6 +313,17 @@ def test_learner_codes_are_held_back_while_stored_codes_run_ahead_of_a_re_hash_a
     assert clone.holding == weights.holding
     weights.hold({IMG: 0.0, TXT: +0.001})
     assert weights.holding[TXT] is False
+
+
+@pytest.mark.parametrize(("given", "read"), [(True, "always"), (False, "never"), ("before_new_category", None)])
+def test_hold_codes_reads_the_boolean_of_configs_from_before_it_had_three_values(given, read):
+    cfg = load_config(overrides={"code_rehearsal.self_check.hold_codes": given})
+    assert cfg.code_rehearsal.self_check.hold_codes == (read or given)
+
+
+def test_hold_codes_rejects_a_value_it_does_not_know():
+    with pytest.raises(config.ConfigError, match="hold_codes must be one of"):
+        load_config(overrides={"code_rehearsal.self_check.hold_codes": "sometimes"})
 
 
 def test_a_held_modality_gets_no_learner_codes_while_the_other_keeps_its_own(ds):

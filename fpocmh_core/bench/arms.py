@@ -105,6 +105,25 @@ class Retrainer:
         self.trained_on = (len(self.images), len(self.texts))
 
 
+def check_overrides(args: argparse.Namespace) -> None:
+    """Load every ``--<name>-set`` against its config, so that a bad key or value fails before anything trains.
+
+    Raises :class:`~fpocmh_core.config.ConfigError` naming the key and what it expected."""
+    from fpocmh_core.learners.dlch_train import DlchConfig
+    from fpocmh_core.learners.fpocmh import load_config as load_fpocmh_config
+    from fpocmh_core.learners.naive import load_config as load_naive_config
+    from fpocmh_core.offline import load_offline_config
+
+    loaders: dict[str, Callable[[dict[str, Any]], Any]] = {
+        "fpocmh": lambda o: load_fpocmh_config(overrides=o),
+        "naive": lambda o: load_naive_config(overrides=o),
+        "offline": lambda o: load_offline_config(overrides=o),
+        "dlch": lambda o: config.load(DlchConfig, "dlch", overrides=o),
+    }
+    for name in CONFIGURED:
+        loaders[name](config.parse_overrides(getattr(args, f"{name}_set")))
+
+
 def _from_learner(name: str, learner: OnlineLearner) -> Arm:
     return Arm(name, learner.encode, learner.learn)
 

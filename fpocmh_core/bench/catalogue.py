@@ -206,7 +206,7 @@ FULL: tuple[Entry, ...] = (
             "retrain",
             "fpocmh",
             "--fpocmh-set",
-            "code_rehearsal.self_check.hold_codes=true",
+            "code_rehearsal.self_check.hold_codes=always",
         ),
         60,
         P1,

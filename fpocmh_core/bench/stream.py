@@ -251,6 +251,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    arms_mod.check_overrides(args)
     ds = report.dataset(args)
     seeds = report.seeds(args)
     results: list[dict[str, Any]] = []

@@ -55,7 +55,7 @@ class SelfCheckConfig:
     min_lr_scale: float
     since: str
     two_sided: bool
-    hold_codes: str = "never"
+    hold_codes: str | bool = "never"
 
     def __post_init__(self) -> None:
         if isinstance(self.hold_codes, bool):  # configs and states from before it had three values
